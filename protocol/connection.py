@@ -1,0 +1,288 @@
+"""The sans-I/O connection: bytes in, events out; messages in, bytes out.
+
+One `Connection` per end of a stream, in the style of h11: it owns no socket
+and no event loop.  `receive_data()` buffers bytes, `next_event()` returns the
+next complete message (or `NEED_DATA`), `send()` returns the bytes to write.
+Which message may travel in which direction and state is one table,
+`TRANSITIONS`; the connection also remembers what is outstanding (FS requests
+by `unique`, invalidations by `seq`) so that replies can be decoded and
+matched, and a reply to something never asked is an error.
+
+Frames larger than the negotiated maximum are refused as soon as their
+header arrives, before any of the payload is buffered.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+
+from protocol import codec, wire
+from protocol.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
+from protocol.fuse import Opcode
+from protocol.messages import (
+    Ack,
+    ConnectionClosed,
+    FsReply,
+    FsRequest,
+    Heartbeat,
+    HeartbeatReply,
+    Hello,
+    HelloReply,
+    InvalEntry,
+    Invalidate,
+    Message,
+)
+
+
+class Role(enum.Enum):
+    HOST = "host"
+    GUEST = "guest"
+
+
+class State(enum.Enum):
+    IDLE = "idle"  # nothing exchanged yet
+    HELLO_SENT = "hello-sent"  # guest: waiting for the HELLO reply
+    HELLO_RECEIVED = "hello-received"  # host: must answer the HELLO
+    READY = "ready"
+    CLOSED = "closed"  # orderly end (EOF, or a HELLO refused)
+    ERROR = "error"  # a protocol error; only closing is left
+
+
+class NeedData:
+    """Sentinel: `next_event()` needs more bytes before it can return an event."""
+
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA = NeedData()
+
+SEND, RECV = "send", "recv"
+
+# (role, state, direction, message type) -> next state.  Anything not listed
+# is out of turn: LocalProtocolError when sent, RemoteProtocolError when received.
+TRANSITIONS: dict[tuple[Role, State, str, type], State] = {
+    (Role.GUEST, State.IDLE, SEND, Hello): State.HELLO_SENT,
+    (Role.GUEST, State.HELLO_SENT, RECV, HelloReply): State.READY,
+    (Role.GUEST, State.READY, SEND, FsRequest): State.READY,
+    (Role.GUEST, State.READY, RECV, FsReply): State.READY,
+    (Role.GUEST, State.READY, RECV, Invalidate): State.READY,
+    (Role.GUEST, State.READY, RECV, InvalEntry): State.READY,
+    (Role.GUEST, State.READY, SEND, Ack): State.READY,
+    (Role.GUEST, State.READY, SEND, Heartbeat): State.READY,
+    (Role.GUEST, State.READY, RECV, HeartbeatReply): State.READY,
+    (Role.HOST, State.IDLE, RECV, Hello): State.HELLO_RECEIVED,
+    (Role.HOST, State.HELLO_RECEIVED, SEND, HelloReply): State.READY,
+    (Role.HOST, State.READY, RECV, FsRequest): State.READY,
+    (Role.HOST, State.READY, SEND, FsReply): State.READY,
+    (Role.HOST, State.READY, SEND, Invalidate): State.READY,
+    (Role.HOST, State.READY, SEND, InvalEntry): State.READY,
+    (Role.HOST, State.READY, RECV, Ack): State.READY,
+    (Role.HOST, State.READY, RECV, Heartbeat): State.READY,
+    (Role.HOST, State.READY, SEND, HeartbeatReply): State.READY,
+}
+
+_HEADER = struct.Struct("<III")  # the layout of wire.FrameHeader, for slicing only
+
+
+class Connection:
+    """One end of a cleanlease byte stream.
+
+    `max_frame` bounds the payload of a frame in either direction until HELLO
+    negotiates another (the smaller of both offers).  `max_in_flight` bounds
+    the FS requests a host accepts before the earlier ones are answered.
+    """
+
+    def __init__(self, role: Role, *, max_frame: int = wire.DEFAULT_MAX_FRAME,
+                 max_in_flight: int = 1024):
+        self.role = role
+        self.state = State.IDLE
+        self.max_frame = max_frame
+        self.max_in_flight = max_in_flight
+        self._buffer = bytearray()
+        self._pending_fs: dict[int, int] = {}  # unique -> opcode
+        self._pending_notify: dict[int, wire.Request] = {}
+        self._pending_heartbeats: set[int] = set()
+        self._eof = False
+
+    # --- bookkeeping visible to the owner --------------------------------
+
+    @property
+    def outstanding_requests(self) -> int:
+        return len(self._pending_fs)
+
+    @property
+    def outstanding_invalidations(self) -> int:
+        return len(self._pending_notify)
+
+    @property
+    def max_payload(self) -> int:
+        return self.max_frame
+
+    # --- sending -------------------------------------------------------------
+
+    def send(self, message: Message) -> bytes:
+        """Return the bytes of one frame carrying `message`.
+
+        Raises LocalProtocolError if the message is out of turn in this state,
+        repeats an outstanding id, answers nothing outstanding, or does not
+        fit the negotiated frame size.  On error nothing is recorded.
+        """
+        self._transition(SEND, message, LocalProtocolError)
+        if isinstance(message, Ack):
+            request = self._pending_notify.get(message.seq)
+            if request is None:
+                self._fail(LocalProtocolError(f"ACK for seq {message.seq}, which is not outstanding"))
+            code, flags, payload = codec.encode_ack(message, request)
+        else:
+            code, flags, payload = codec.encode_payload(message)
+        if len(payload) > self.max_frame:
+            raise LocalProtocolError(
+                f"{type(message).__name__} needs a {len(payload)}-byte frame, over the maximum "
+                f"{self.max_frame}")
+        self._record_send(message)
+        self._advance(SEND, message)
+        return codec.encode_header(code, flags, len(payload)) + payload
+
+    def _record_send(self, message: Message) -> None:
+        match message:
+            case FsRequest():
+                if message.needs_reply:
+                    if message.unique in self._pending_fs:
+                        raise LocalProtocolError(f"unique {message.unique} is already outstanding")
+                    self._pending_fs[message.unique] = message.opcode
+            case FsReply():
+                if self._pending_fs.pop(message.unique, None) is None:
+                    raise LocalProtocolError(f"reply to unique {message.unique}, which is not outstanding")
+            case Invalidate() | InvalEntry():
+                if message.seq in self._pending_notify:
+                    raise LocalProtocolError(f"invalidation seq {message.seq} is already outstanding")
+                self._pending_notify[message.seq] = (
+                    wire.Request.INVALIDATE if isinstance(message, Invalidate) else wire.Request.INVAL_ENTRY)
+            case Ack():
+                del self._pending_notify[message.seq]
+            case Heartbeat():
+                self._pending_heartbeats.add(message.seq)
+            case HeartbeatReply():
+                pass
+            case HelloReply():
+                # The host chose the maximum (the smaller of both offers).
+                if message.error == 0:
+                    self.max_frame = message.max_frame
+
+    def forget_request(self, unique: int) -> None:
+        """Guest side: stop waiting for `unique` (a reply that arrives later is an error)."""
+        self._pending_fs.pop(unique, None)
+
+    # --- receiving -----------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> None:
+        """Buffer bytes from the peer; b"" means the peer closed its side."""
+        if data:
+            if self._eof:
+                raise LocalProtocolError("data received after EOF")
+            self._buffer += data
+        else:
+            self._eof = True
+
+    def next_event(self) -> Message | ConnectionClosed | NeedData:
+        """Return the next complete message, `NEED_DATA`, or `ConnectionClosed` at a clean EOF.
+
+        Raises RemoteProtocolError (and enters ERROR) for a malformed,
+        oversized, truncated or out-of-turn frame; the message names the field.
+        `codec.UnsupportedOpcode` is the exception: it is raised but leaves the
+        connection usable, so a host can answer -ENOSYS.
+        """
+        if self.state is State.ERROR:
+            raise RemoteProtocolError("the connection has already failed")
+        buffered = len(self._buffer)
+        if buffered < wire.HEADER_SIZE:
+            return self._at_end_of_data(buffered)
+        request, flags, size = _HEADER.unpack_from(self._buffer)
+        if size > self.max_frame:
+            self._fail(RemoteProtocolError(
+                f"frame header: size {size} exceeds the maximum frame {self.max_frame}"))
+        if buffered < wire.HEADER_SIZE + size:
+            return self._at_end_of_data(buffered, wire.HEADER_SIZE + size)
+        payload = bytes(self._buffer[wire.HEADER_SIZE: wire.HEADER_SIZE + size])
+        del self._buffer[: wire.HEADER_SIZE + size]
+        try:
+            message = codec.decode_payload(request, flags, payload, self._pending_fs.get)
+        except codec.UnsupportedOpcode as exc:
+            if self.role is not Role.HOST or self.state is not State.READY:
+                self._fail(RemoteProtocolError(str(exc)))
+            if exc.unique in self._pending_fs:
+                self._fail(RemoteProtocolError(f"unique {exc.unique} is already outstanding"))
+            # Outstanding, so that the host's -ENOSYS reply is in turn.
+            self._pending_fs[exc.unique] = exc.opcode
+            raise
+        except RemoteProtocolError as exc:
+            self._fail(exc)
+        self._transition(RECV, message, RemoteProtocolError)
+        self._record_receive(message)
+        self._advance(RECV, message)
+        return message
+
+    def _at_end_of_data(self, buffered: int, needed: int | None = None):
+        if not self._eof:
+            return NEED_DATA
+        if buffered == 0:
+            self.state = State.CLOSED
+            return ConnectionClosed()
+        expected = f"{needed}" if needed else f"at least {wire.HEADER_SIZE}"
+        self._fail(RemoteProtocolError(
+            f"truncated frame at end of stream: {buffered} bytes buffered, {expected} needed"))
+
+    def _record_receive(self, message: Message) -> None:
+        match message:
+            case FsRequest():
+                if message.needs_reply:
+                    if message.unique in self._pending_fs:
+                        self._fail(RemoteProtocolError(f"unique {message.unique} is already outstanding"))
+                    if len(self._pending_fs) >= self.max_in_flight:
+                        self._fail(RemoteProtocolError(
+                            f"more than {self.max_in_flight} requests in flight"))
+                    self._pending_fs[message.unique] = message.opcode
+            case FsReply():
+                del self._pending_fs[message.unique]  # decode_payload checked it is there
+            case Invalidate() | InvalEntry():
+                if message.seq in self._pending_notify:
+                    self._fail(RemoteProtocolError(f"invalidation seq {message.seq} repeated"))
+                self._pending_notify[message.seq] = (
+                    wire.Request.INVALIDATE if isinstance(message, Invalidate) else wire.Request.INVAL_ENTRY)
+            case Ack():
+                if self._pending_notify.pop(message.seq, None) is None:
+                    self._fail(RemoteProtocolError(f"ACK for seq {message.seq}, which is not outstanding"))
+            case HeartbeatReply():
+                if message.seq not in self._pending_heartbeats:
+                    self._fail(RemoteProtocolError(f"heartbeat reply {message.seq} answers nothing"))
+                self._pending_heartbeats.discard(message.seq)
+            case HelloReply():
+                if message.error == 0:
+                    if not wire.MIN_MAX_FRAME <= message.max_frame <= wire.ABSOLUTE_MAX_FRAME:
+                        self._fail(RemoteProtocolError(
+                            f"HELLO reply: max_frame {message.max_frame} out of range"))
+                    self.max_frame = message.max_frame
+
+    # --- the table -------------------------------------------------------------
+
+    def _transition(self, direction: str, message: Message, error: type[ProtocolError]) -> State:
+        key = (self.role, self.state, direction, type(message))
+        nxt = TRANSITIONS.get(key)
+        if nxt is None:
+            exc = error(f"{self.role.value} cannot {direction} {type(message).__name__} "
+                        f"in state {self.state.value}")
+            if error is RemoteProtocolError:
+                self._fail(exc)
+            raise exc
+        return nxt
+
+    def _advance(self, direction: str, message: Message) -> None:
+        self.state = TRANSITIONS[(self.role, self.state, direction, type(message))]
+        if isinstance(message, HelloReply) and message.error != 0:
+            self.state = State.CLOSED
+
+    def _fail(self, exc: ProtocolError):
+        self.state = State.ERROR
+        raise exc

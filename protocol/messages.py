@@ -1,0 +1,468 @@
+"""The messages of the cleanlease protocol, as frozen dataclasses.
+
+A peer never sees bytes: the sans-I/O `Connection` turns bytes into these
+objects and these objects into bytes.  File-system operations mirror the FUSE
+requests they travel as (see `protocol/fuse.py`); their reply bodies depend on
+the request's opcode, which the connection remembers per `unique`.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import stat as stat_module
+from dataclasses import dataclass, field
+
+from protocol.fuse import Opcode
+
+
+class Policy(enum.IntEnum):
+    """Caching policies; the host chooses, the guest honours (see DESIGN)."""
+
+    NEVER = 0
+    TTL = 1
+    ALWAYS = 2
+    OPEN_LEASE = 3
+    CLEAN_LEASE = 4
+
+    @property
+    def label(self) -> str:
+        return self.name.lower().replace("_", "-")
+
+    @classmethod
+    def from_label(cls, label: str) -> "Policy":
+        try:
+            return cls[label.upper().replace("-", "_")]
+        except KeyError:
+            choices = ", ".join(p.label for p in cls)
+            raise ValueError(f"unknown policy {label!r}; choose one of: {choices}") from None
+
+
+class Detector(enum.IntEnum):
+    """How the host learns of writes that do not come through the daemon."""
+
+    NONE = 0  # only daemon writes are seen
+    INOTIFY = 1  # after the fact
+    FANOTIFY = 2  # before the write lands (pre-content permission events)
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+# --- handshake ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Hello:
+    """Guest -> host, the first frame of every connection."""
+
+    version: int
+    features: int
+    max_frame: int
+    name: str
+
+
+@dataclass(frozen=True)
+class HelloReply:
+    """Host -> guest.  `error` is 0 or a negative errno (then the host closes)."""
+
+    error: int
+    version: int
+    features: int
+    policy: Policy
+    detector: Detector
+    lease_term_ms: int
+    ttl_ms: int
+    max_frame: int
+    guest_id: int
+    boot_id: bytes  # 16 bytes; a new one means "drop every cache"
+
+
+# --- attributes and reply bodies -------------------------------------------
+
+
+@dataclass(frozen=True)
+class Attr:
+    """fuse_attr: what a guest may cache about an inode."""
+
+    ino: int
+    size: int
+    blocks: int
+    atime: int
+    mtime: int
+    ctime: int
+    atimensec: int
+    mtimensec: int
+    ctimensec: int
+    mode: int
+    nlink: int
+    uid: int
+    gid: int
+    rdev: int
+    blksize: int
+    flags: int = 0
+
+    @classmethod
+    def from_stat(cls, st: os.stat_result) -> "Attr":
+        return cls(
+            ino=st.st_ino,
+            size=st.st_size,
+            blocks=st.st_blocks,
+            atime=st.st_atime_ns // 1_000_000_000,
+            mtime=st.st_mtime_ns // 1_000_000_000,
+            ctime=st.st_ctime_ns // 1_000_000_000,
+            atimensec=st.st_atime_ns % 1_000_000_000,
+            mtimensec=st.st_mtime_ns % 1_000_000_000,
+            ctimensec=st.st_ctime_ns % 1_000_000_000,
+            mode=st.st_mode,
+            nlink=st.st_nlink,
+            uid=st.st_uid,
+            gid=st.st_gid,
+            rdev=st.st_rdev & 0xFFFFFFFF,
+            blksize=st.st_blksize,
+        )
+
+    @property
+    def mtime_ns(self) -> int:
+        return self.mtime * 1_000_000_000 + self.mtimensec
+
+    @property
+    def is_dir(self) -> bool:
+        return stat_module.S_ISDIR(self.mode)
+
+    @property
+    def is_reg(self) -> bool:
+        return stat_module.S_ISREG(self.mode)
+
+
+@dataclass(frozen=True)
+class EntryOut:
+    nodeid: int
+    generation: int
+    entry_valid: int
+    attr_valid: int
+    entry_valid_nsec: int
+    attr_valid_nsec: int
+    attr: Attr
+
+
+@dataclass(frozen=True)
+class AttrOut:
+    attr_valid: int
+    attr_valid_nsec: int
+    attr: Attr
+
+
+@dataclass(frozen=True)
+class OpenOut:
+    fh: int
+    open_flags: int = 0
+    backing_id: int = 0
+
+
+@dataclass(frozen=True)
+class CreateOut:
+    entry: EntryOut
+    open: OpenOut
+
+
+@dataclass(frozen=True)
+class ReadOut:
+    data: bytes
+
+
+@dataclass(frozen=True)
+class WriteOut:
+    size: int
+
+
+@dataclass(frozen=True)
+class DirEntry:
+    ino: int
+    off: int
+    type: int
+    name: bytes
+
+
+@dataclass(frozen=True)
+class ReaddirOut:
+    entries: tuple[DirEntry, ...]
+
+
+@dataclass(frozen=True)
+class EmptyOut:
+    pass
+
+
+ReplyBody = EntryOut | AttrOut | OpenOut | CreateOut | ReadOut | WriteOut | ReaddirOut | EmptyOut
+
+
+# --- file-system requests (one dataclass per opcode) -------------------------
+
+
+@dataclass(frozen=True)
+class Lookup:
+    name: bytes
+    opcode = Opcode.LOOKUP
+
+
+@dataclass(frozen=True)
+class Forget:
+    nlookup: int
+    opcode = Opcode.FORGET
+
+
+@dataclass(frozen=True)
+class Getattr:
+    fh: int = 0
+    getattr_flags: int = 0
+    opcode = Opcode.GETATTR
+
+
+@dataclass(frozen=True)
+class Setattr:
+    valid: int
+    fh: int = 0
+    size: int = 0
+    atime: int = 0
+    mtime: int = 0
+    ctime: int = 0
+    atimensec: int = 0
+    mtimensec: int = 0
+    ctimensec: int = 0
+    mode: int = 0
+    uid: int = 0
+    gid: int = 0
+    lock_owner: int = 0
+    opcode = Opcode.SETATTR
+
+
+@dataclass(frozen=True)
+class Mkdir:
+    name: bytes
+    mode: int = 0o755
+    umask: int = 0
+    opcode = Opcode.MKDIR
+
+
+@dataclass(frozen=True)
+class Unlink:
+    name: bytes
+    opcode = Opcode.UNLINK
+
+
+@dataclass(frozen=True)
+class Rmdir:
+    name: bytes
+    opcode = Opcode.RMDIR
+
+
+@dataclass(frozen=True)
+class Rename:
+    newdir: int
+    oldname: bytes
+    newname: bytes
+    opcode = Opcode.RENAME
+
+
+@dataclass(frozen=True)
+class Open:
+    flags: int
+    open_flags: int = 0
+    opcode = Opcode.OPEN
+
+
+@dataclass(frozen=True)
+class Read:
+    fh: int
+    offset: int
+    size: int
+    read_flags: int = 0
+    lock_owner: int = 0
+    flags: int = 0
+    opcode = Opcode.READ
+
+
+@dataclass(frozen=True)
+class Write:
+    fh: int
+    offset: int
+    data: bytes
+    write_flags: int = 0
+    lock_owner: int = 0
+    flags: int = 0
+    opcode = Opcode.WRITE
+
+
+@dataclass(frozen=True)
+class Release:
+    fh: int
+    flags: int = 0
+    release_flags: int = 0
+    lock_owner: int = 0
+    opcode = Opcode.RELEASE
+
+
+@dataclass(frozen=True)
+class Fsync:
+    fh: int
+    fsync_flags: int = 0
+    opcode = Opcode.FSYNC
+
+
+@dataclass(frozen=True)
+class Flush:
+    fh: int
+    lock_owner: int = 0
+    opcode = Opcode.FLUSH
+
+
+@dataclass(frozen=True)
+class Create:
+    name: bytes
+    flags: int
+    mode: int = 0o644
+    umask: int = 0
+    open_flags: int = 0
+    opcode = Opcode.CREATE
+
+
+@dataclass(frozen=True)
+class Readdir:
+    fh: int = 0
+    offset: int = 0
+    size: int = 65536
+    read_flags: int = 0
+    lock_owner: int = 0
+    flags: int = 0
+    opcode = Opcode.READDIR
+
+
+FsOp = (
+    Lookup | Forget | Getattr | Setattr | Mkdir | Unlink | Rmdir | Rename | Open | Read
+    | Write | Release | Fsync | Flush | Create | Readdir
+)
+
+
+# --- leases --------------------------------------------------------------
+
+
+LEASE_GRANTED = 1 << 0
+# Set on the reply to a modification that started a recall (the first dirtying write).
+LEASE_FIRST_DIRTY = 1 << 1
+
+
+@dataclass(frozen=True)
+class LeaseGrant:
+    """The lease part of every file-system reply.
+
+    `flags & LEASE_GRANTED` says whether the guest may cache what the reply
+    carries about inode `ino`.  `generation` is the inode's invalidation count:
+    a guest drops a grant older than an invalidation it has already seen.
+    """
+
+    ino: int = 0
+    generation: int = 0
+    term_ms: int = 0
+    flags: int = 0
+
+    @property
+    def granted(self) -> bool:
+        return bool(self.flags & LEASE_GRANTED)
+
+    @property
+    def first_dirty(self) -> bool:
+        return bool(self.flags & LEASE_FIRST_DIRTY)
+
+
+NO_LEASE = LeaseGrant()
+
+
+# --- frames ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FsRequest:
+    """Guest -> host.  `op` decides the opcode; FORGET expects no reply."""
+
+    unique: int
+    nodeid: int
+    op: FsOp
+    uid: int = 0
+    gid: int = 0
+    pid: int = 0
+
+    @property
+    def opcode(self) -> Opcode:
+        return self.op.opcode
+
+    @property
+    def needs_reply(self) -> bool:
+        return self.op.opcode != Opcode.FORGET
+
+
+@dataclass(frozen=True)
+class FsReply:
+    """Host -> guest.  `error` is 0 or a negative errno; then `body` is EmptyOut."""
+
+    unique: int
+    error: int = 0
+    body: ReplyBody = field(default_factory=EmptyOut)
+    lease: LeaseGrant = NO_LEASE
+
+
+@dataclass(frozen=True)
+class Invalidate:
+    """Host -> guest: drop everything cached about `ino` (FUSE_NOTIFY_INVAL_INODE).
+
+    offset < 0 means attributes only; length <= 0 means to the end of file.
+    The guest ACKs with the same `seq` once it has dropped its copy.
+    """
+
+    seq: int
+    ino: int
+    offset: int
+    length: int
+    generation: int
+
+
+@dataclass(frozen=True)
+class InvalEntry:
+    """Host -> guest: forget the name `name` in directory `parent` (FUSE_NOTIFY_INVAL_ENTRY)."""
+
+    seq: int
+    parent: int
+    name: bytes
+    generation: int
+    flags: int = 0
+
+
+@dataclass(frozen=True)
+class Ack:
+    """Guest -> host: the invalidation `seq` has been applied."""
+
+    seq: int
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """Guest -> host: renews every lease of this guest (a reply is a HeartbeatReply)."""
+
+    seq: int
+
+
+@dataclass(frozen=True)
+class HeartbeatReply:
+    seq: int
+
+
+@dataclass(frozen=True)
+class ConnectionClosed:
+    """The peer closed the byte stream cleanly between frames."""
+
+
+Message = (
+    Hello | HelloReply | FsRequest | FsReply | Invalidate | InvalEntry | Ack | Heartbeat
+    | HeartbeatReply
+)

@@ -1,0 +1,80 @@
+"""The frame layer: vhost-user style headers and the non-FUSE payloads.
+
+A frame is a 12-byte little-endian header `request:u32, flags:u32, size:u32`
+and `size` bytes of payload.  flags bits 0-1 hold the version (1), 0x4 marks a
+reply, 0x8 asks for one.  File-system payloads are FUSE structures
+(`protocol/fuse.py`); this module defines the rest once.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from construct import Bytes, Int8ul, Int16ul, Int32sl, Int32ul, Int64ul, PascalString, Struct, Terminated
+
+PROTOCOL_VERSION = 1
+FLAG_VERSION_MASK = 0x3
+FLAG_REPLY = 0x4
+FLAG_NEED_REPLY = 0x8
+KNOWN_FLAGS = FLAG_VERSION_MASK | FLAG_REPLY | FLAG_NEED_REPLY
+
+HEADER_SIZE = 12
+# Before HELLO has negotiated a maximum, frames larger than this are refused.
+DEFAULT_MAX_FRAME = 1 << 20
+# Neither side may negotiate more: it bounds what a peer can make us buffer.
+ABSOLUTE_MAX_FRAME = 16 << 20
+MIN_MAX_FRAME = 8192
+
+# Feature bits negotiated in HELLO (the intersection of both sides' sets).
+FEATURE_LEASES = 1 << 0
+FEATURE_HEARTBEAT = 1 << 1
+SUPPORTED_FEATURES = FEATURE_LEASES | FEATURE_HEARTBEAT
+
+
+class Request(enum.IntEnum):
+    """Frame request codes.  A reply carries the code of its request."""
+
+    HELLO = 1
+    FS = 2
+    INVALIDATE = 3
+    INVAL_ENTRY = 4
+    HEARTBEAT = 5
+
+
+FrameHeader = Struct("request" / Int32ul, "flags" / Int32ul, "size" / Int32ul)
+
+HelloPayload = Struct(
+    "version" / Int32ul,
+    "features" / Int64ul,
+    "max_frame" / Int32ul,
+    "name" / PascalString(Int8ul, "utf8"),
+    Terminated,
+)
+
+HelloReplyPayload = Struct(
+    "error" / Int32sl,
+    "version" / Int32ul,
+    "features" / Int64ul,
+    "policy" / Int8ul,
+    "detector" / Int8ul,
+    "reserved" / Int16ul,
+    "lease_term_ms" / Int32ul,
+    "ttl_ms" / Int32ul,
+    "max_frame" / Int32ul,
+    "guest_id" / Int32ul,
+    "boot_id" / Bytes(16),
+    Terminated,
+)  # 48 bytes
+
+# Follows the FUSE part of every FS reply: frame size = fuse_out_header.len + 24.
+LeaseTrailer = Struct(
+    "ino" / Int64ul, "generation" / Int64ul, "term_ms" / Int32ul, "flags" / Int32ul
+)
+LEASE_TRAILER_SIZE = 24
+
+# Follows the FUSE notification in INVALIDATE and INVAL_ENTRY frames.
+NotifyTrailer = Struct("seq" / Int64ul, "generation" / Int64ul, Terminated)
+NOTIFY_TRAILER_SIZE = 16
+
+AckPayload = Struct("seq" / Int64ul, Terminated)
+HeartbeatPayload = Struct("seq" / Int64ul, Terminated)
