@@ -1,0 +1,250 @@
+"""The guest's caches and the rules for serving from them, per policy.
+
+Pure: no sockets, no event loop; the clock is passed in.  The client
+(`guest/client.py`) asks `may_serve_*` before a hit, stores what replies carry
+with `store_*`, and applies invalidations with `invalidate_*`.
+
+Pages are 4 KiB, keyed (nodeid, page index), in one LRU bounded by
+`capacity_bytes`.  A page shorter than 4 KiB is the last page of the file: a
+read that reaches it stops there, so no separate file size is needed while the
+lease holds (any size change is a modification, which recalls the lease).
+
+What may be served:
+  never        nothing
+  always       everything, forever (until evicted)
+  ttl          attributes and entries for `ttl` seconds; pages while the
+               file's mtime and size are what they were when the pages were
+               fetched, checked at open (virtiofsd cache=auto)
+  open-lease,  only under a lease: granted by a reply, not older than an
+  clean-lease  invalidation already seen (generation), and not after the
+               guest's lease term has run out (`renewed_until`)
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from protocol.messages import Attr, LeaseGrant, Policy
+
+PAGE_SIZE = 4096
+
+
+@dataclass
+class CacheStats:
+    reads: int = 0
+    hits: int = 0
+    misses: int = 0
+    bytes_fetched: int = 0
+    invalidations: int = 0
+    inval_entries: int = 0
+    stale_grants_dropped: int = 0
+    evictions: int = 0
+    attr_hits: int = 0
+    entry_hits: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.reads if self.reads else 0.0
+
+
+class GuestCache:
+    def __init__(self, policy: Policy, capacity_bytes: int, *, ttl_s: float = 1.0,
+                 lease_term_s: float = 2.0, clock=time.monotonic):
+        self.policy = policy
+        self.capacity_pages = max(1, capacity_bytes // PAGE_SIZE)
+        self.ttl_s = ttl_s
+        self.lease_term_s = lease_term_s
+        self.clock = clock
+        self.stats = CacheStats()
+        self._pages: OrderedDict[tuple[int, int], bytes] = OrderedDict()
+        self._pages_of: dict[int, set[int]] = {}
+        self._attrs: dict[int, tuple[Attr, float]] = {}
+        self._entries: dict[tuple[int, bytes], tuple[int, float]] = {}
+        self._leases: set[int] = set()
+        self._seen_generation: dict[int, int] = {}
+        # ttl: the (mtime_ns, size) the cached pages of an inode belong to.
+        self._page_version: dict[int, tuple[int, int]] = {}
+        self.renewed_until = 0.0
+
+    # --- leases and renewal ------------------------------------------------------
+
+    @property
+    def uses_leases(self) -> bool:
+        return self.policy in (Policy.OPEN_LEASE, Policy.CLEAN_LEASE)
+
+    def renewed(self, sent_at: float) -> None:
+        """A reply to something sent at `sent_at` arrived: leases live until sent_at + term.
+
+        The host counts the term from when it received the request, which is
+        later, so the guest always stops serving first.
+        """
+        self.renewed_until = max(self.renewed_until, sent_at + self.lease_term_s)
+
+    def accept_grant(self, lease: LeaseGrant) -> bool:
+        """Take the lease a reply carries.  True if the reply's content may be cached.
+
+        A grant older than an invalidation already seen for that inode raced
+        with it and is dropped.
+        """
+        if not self.uses_leases:
+            return self.policy is not Policy.NEVER
+        if not lease.granted:
+            return False
+        if lease.generation < self._seen_generation.get(lease.ino, 0):
+            self.stats.stale_grants_dropped += 1
+            return False
+        self._leases.add(lease.ino)
+        return True
+
+    def _leased(self, nodeid: int) -> bool:
+        return nodeid in self._leases and self.clock() < self.renewed_until
+
+    def lease_lapsed(self) -> bool:
+        return self.uses_leases and self.clock() >= self.renewed_until
+
+    # --- what may be served --------------------------------------------------------
+
+    def may_serve_data(self, nodeid: int) -> bool:
+        match self.policy:
+            case Policy.NEVER:
+                return False
+            case Policy.ALWAYS | Policy.TTL:
+                return True
+        return self._leased(nodeid)
+
+    def may_serve_attr(self, nodeid: int, now: float | None = None) -> bool:
+        entry = self._attrs.get(nodeid)
+        if entry is None:
+            return False
+        match self.policy:
+            case Policy.NEVER:
+                return False
+            case Policy.ALWAYS:
+                return True
+            case Policy.TTL:
+                return (now or self.clock()) < entry[1]
+        return self._leased(nodeid)
+
+    # --- pages -----------------------------------------------------------------
+
+    def read_pages(self, nodeid: int, offset: int, size: int) -> bytes | None:
+        """Serve [offset, offset+size) from cached pages, or None if any page is missing.
+
+        Does not consult the policy: call `may_serve_data` first.
+        """
+        if size <= 0:
+            return b""
+        first, last = offset // PAGE_SIZE, (offset + size - 1) // PAGE_SIZE
+        chunks = []
+        for index in range(first, last + 1):
+            page = self._pages.get((nodeid, index))
+            if page is None:
+                return None
+            self._pages.move_to_end((nodeid, index))
+            chunks.append(page)
+            if len(page) < PAGE_SIZE:
+                break  # end of file
+        data = b"".join(chunks)
+        start = offset - first * PAGE_SIZE
+        return data[start: start + size]
+
+    def store_pages(self, nodeid: int, offset: int, data: bytes, requested: int) -> None:
+        """Cache the pages of a READ reply for [offset, offset+requested), offset page-aligned.
+
+        A reply shorter than asked ends at end of file; its last page (possibly
+        empty) is stored short, which marks the end.
+        """
+        assert offset % PAGE_SIZE == 0
+        view = memoryview(data)
+        index = offset // PAGE_SIZE
+        pages = self._pages_of.setdefault(nodeid, set())
+        for start in range(0, max(len(data), 1), PAGE_SIZE):
+            page = bytes(view[start: start + PAGE_SIZE])
+            key = (nodeid, index)
+            self._pages[key] = page
+            self._pages.move_to_end(key)
+            pages.add(index)
+            index += 1
+        if len(data) < requested and len(data) % PAGE_SIZE == 0 and data:
+            self._pages[(nodeid, index)] = b""  # end of file at a page boundary
+            pages.add(index)
+        while len(self._pages) > self.capacity_pages:
+            (old_node, old_index), _ = self._pages.popitem(last=False)
+            self._pages_of.get(old_node, set()).discard(old_index)
+            self.stats.evictions += 1
+
+    def drop_pages(self, nodeid: int) -> None:
+        for index in self._pages_of.pop(nodeid, ()):
+            self._pages.pop((nodeid, index), None)
+        self._page_version.pop(nodeid, None)
+
+    @property
+    def cached_bytes(self) -> int:
+        return sum(len(p) for p in self._pages.values())
+
+    def cached_pages(self, nodeid: int) -> int:
+        return len(self._pages_of.get(nodeid, ()))
+
+    # --- attributes and entries ------------------------------------------------------
+
+    def store_attr(self, nodeid: int, attr: Attr) -> None:
+        self._attrs[nodeid] = (attr, self.clock() + self.ttl_s)
+
+    def cached_attr(self, nodeid: int) -> Attr | None:
+        entry = self._attrs.get(nodeid)
+        return entry[0] if entry else None
+
+    def store_entry(self, parent: int, name: bytes, nodeid: int) -> None:
+        self._entries[(parent, name)] = (nodeid, self.clock() + self.ttl_s)
+
+    def lookup_entry(self, parent: int, name: bytes) -> int | None:
+        entry = self._entries.get((parent, name))
+        if entry is None:
+            return None
+        match self.policy:
+            case Policy.NEVER:
+                return None
+            case Policy.TTL:
+                return entry[0] if self.clock() < entry[1] else None
+            case Policy.ALWAYS:
+                return entry[0]
+        # Entries live under the lease of their directory.
+        return entry[0] if self._leased(parent) else None
+
+    def revalidate_at_open(self, nodeid: int, attr: Attr) -> None:
+        """ttl: keep the pages only if mtime and size are what they were."""
+        version = (attr.mtime_ns, attr.size)
+        if self._page_version.get(nodeid) != version:
+            self.drop_pages(nodeid)
+            self._page_version[nodeid] = version
+
+    # --- invalidation ------------------------------------------------------------------
+
+    def invalidate_inode(self, nodeid: int, generation: int) -> None:
+        """Forget everything about `nodeid`; later grants older than `generation` are stale."""
+        if generation > self._seen_generation.get(nodeid, 0):
+            self._seen_generation[nodeid] = generation
+        self._leases.discard(nodeid)
+        self.drop_pages(nodeid)
+        self._attrs.pop(nodeid, None)
+
+    def invalidate_entry(self, parent: int, name: bytes) -> None:
+        self._entries.pop((parent, name), None)
+
+    def forget_own_copy(self, nodeid: int) -> None:
+        """This guest is about to modify `nodeid`: its cache of it is no longer current."""
+        self._leases.discard(nodeid)
+        self.drop_pages(nodeid)
+        self._attrs.pop(nodeid, None)
+
+    def clear(self) -> None:
+        """Drop every cache (the host restarted, or this guest was fenced)."""
+        self._pages.clear()
+        self._pages_of.clear()
+        self._attrs.clear()
+        self._entries.clear()
+        self._leases.clear()
+        self._page_version.clear()
+        self.renewed_until = 0.0

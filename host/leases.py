@@ -1,0 +1,320 @@
+"""The lease state machine: who may cache which inode, and when that ends.
+
+This module is pure: no I/O, no clock, no event loop.  The daemon
+(`host/server.py`) asks it what to do and performs the I/O itself (sending
+INVALIDATEs, waiting for ACKs, fdatasync, cachestat, kernel marks).  All five
+policies are decided here, so a reader finds every caching rule in one place.
+
+Clean-lease, per host inode (see docs/design.md for the picture):
+
+    CLEAN --first modification--> RECALLING --all ACKed or fenced--> DIRTY
+      ^                                                                 |
+      +------------ flushed and checked clean (arm first) --------------+
+
+* CLEAN: reads are answered with a lease; the reader joins `holders`.
+* The first modification (a guest WRITE/SETATTR/..., or a host-local
+  pre-modify event) bumps `generation`, empties `holders` into a `Recall`
+  and moves to RECALLING.  The modification waits until the daemon reports
+  the recall finished (`recall_finished`), then lands (`modification_landed`).
+* RECALLING and DIRTY: reads are answered without a lease.  A modification
+  during RECALLING must wait for the recall (`WAIT`); during DIRTY it goes
+  ahead at once and sends nothing.
+* DIRTY -> CLEAN: once every landed modification is known to be flushed
+  (`flush_started`/`flush_finished` bracket an fdatasync), the daemon calls
+  `rearm_begin`, arms its kernel detector, checks cachestat, and reports the
+  result with `rearm_finish`.  Arming before the check means a host-local
+  write racing the re-arm is caught either by the detector or by the check.
+
+Open-lease (NFSv4 read delegation / SMB oplock / F_SETLEASE): a lease is
+granted while nobody has the file open for write; an open for write recalls
+every other holder before the open is answered.
+
+Directories are never DIRTY: each namespace change in a directory recalls the
+name from the directory's holders (INVAL_ENTRY) before it lands, and the
+holders keep their lease on the rest of the directory.
+
+never / ttl / always grant no leases and recall nothing: what the guest
+caches under them is decided by the guest's policy alone (guest/cache.py).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from protocol.messages import Policy
+
+
+class InodeState(enum.Enum):
+    CLEAN = "clean"
+    RECALLING = "recalling"
+    DIRTY = "dirty"
+
+
+@dataclass(frozen=True)
+class Grant:
+    """A lease handed to one guest: cache `ino` until recalled (or the term ends)."""
+
+    ino: int
+    generation: int
+
+
+@dataclass(frozen=True)
+class Recall:
+    """The daemon must invalidate `ino` at every guest in `holders` (generation
+    `generation`) and wait for their ACKs, or fence them, before proceeding."""
+
+    ino: int
+    generation: int
+    holders: frozenset[int]
+
+
+class _Wait:
+    """Sentinel: a recall for this inode is in progress; wait for it, then ask again."""
+
+    def __repr__(self) -> str:
+        return "WAIT"
+
+
+WAIT = _Wait()
+
+
+@dataclass
+class InodeLeases:
+    """Lease bookkeeping for one host inode."""
+
+    is_dir: bool = False
+    state: InodeState = InodeState.CLEAN
+    generation: int = 0
+    holders: set[int] = field(default_factory=set)
+    # Open-lease: open-for-write counts, by guest id (host-local writers use -1).
+    writers: dict[int, int] = field(default_factory=dict)
+    # Modifications landed, and how many of them are known to be on disk.
+    landed: int = 0
+    flushed: int = 0
+    # Set by rearm_begin; a modification landing before rearm_finish voids it.
+    rearm_at: int | None = None
+    # Whether the kernel detector is armed for this inode (clean-lease only).
+    armed: bool = True
+    # Where a recall leads: DIRTY for clean-lease, back to CLEAN for open-lease.
+    after_recall: InodeState = InodeState.DIRTY
+
+
+HOST_LOCAL = -1  # the "guest id" of writers that do not come through the daemon
+
+
+class LeaseTable:
+    """The leases of every inode, under one policy.
+
+    `needs_arming` is True when a kernel detector must be armed before an
+    inode may be leased (fanotify); with no detector, or one that only
+    reports after the fact, inodes count as armed.
+    """
+
+    def __init__(self, policy: Policy, *, needs_arming: bool = False):
+        self.policy = policy
+        self.needs_arming = needs_arming
+        self._inodes: dict[int, InodeLeases] = {}
+
+    # --- lookup ----------------------------------------------------------------
+
+    def inode(self, ino: int, *, is_dir: bool = False) -> InodeLeases:
+        leases = self._inodes.get(ino)
+        if leases is None:
+            leases = InodeLeases(is_dir=is_dir, armed=not self.needs_arming)
+            self._inodes[ino] = leases
+        return leases
+
+    def peek(self, ino: int) -> InodeLeases | None:
+        return self._inodes.get(ino)
+
+    def state_of(self, ino: int) -> InodeState:
+        leases = self._inodes.get(ino)
+        return leases.state if leases else InodeState.CLEAN
+
+    def holders_of(self, ino: int) -> frozenset[int]:
+        leases = self._inodes.get(ino)
+        return frozenset(leases.holders) if leases else frozenset()
+
+    @property
+    def leasing(self) -> bool:
+        return self.policy in (Policy.OPEN_LEASE, Policy.CLEAN_LEASE)
+
+    # --- granting ----------------------------------------------------------------
+
+    def grant(self, ino: int, guest: int, *, is_dir: bool = False) -> Grant | None:
+        """A guest read `ino` (data, attributes or entries): lease it, if the policy allows.
+
+        Returns the Grant (and records `guest` as a holder) or None.  The
+        caller must send the reply in the same step as it read the data, so
+        that no modification can land between the read and the grant.
+        """
+        if not self.leasing:
+            return None
+        leases = self.inode(ino, is_dir=is_dir)
+        if leases.state is not InodeState.CLEAN:
+            return None
+        if self.policy is Policy.CLEAN_LEASE and not leases.armed:
+            return None
+        if self.policy is Policy.OPEN_LEASE and any(leases.writers.values()):
+            return None
+        leases.holders.add(guest)
+        return Grant(ino, leases.generation)
+
+    # --- modifications -------------------------------------------------------------
+
+    def begin_modification(self, ino: int, writer: int) -> Recall | _Wait | None:
+        """`writer` is about to modify the data or attributes of regular inode `ino`.
+
+        Returns a Recall the daemon must carry out first (then call
+        `recall_finished`), WAIT if a recall is already in progress (wait for
+        it, then call again), or None: go ahead.  The writer's own lease ends
+        too (it is not in the Recall: it knows what it is doing).
+        """
+        if not self.leasing:
+            return None
+        leases = self.inode(ino)
+        if leases.state is InodeState.RECALLING:
+            return WAIT
+        if self.policy is Policy.OPEN_LEASE:
+            # The recall normally happened at open-for-write; a modification
+            # without one (truncate by name, a host-local write) recalls here.
+            if not leases.holders:
+                return None
+            return self._start_recall(leases, ino, writer, next_state=InodeState.CLEAN)
+        if leases.state is InodeState.DIRTY:
+            return None
+        # A directory has no pages to flush: after its attributes change it is clean at once.
+        after = InodeState.CLEAN if leases.is_dir else InodeState.DIRTY
+        return self._start_recall(leases, ino, writer, next_state=after)
+
+    def _start_recall(self, leases: InodeLeases, ino: int, writer: int,
+                      next_state: InodeState) -> Recall:
+        leases.generation += 1
+        recalled = frozenset(leases.holders - {writer})
+        leases.holders.clear()
+        leases.state = InodeState.RECALLING
+        leases.rearm_at = None
+        leases.after_recall = next_state
+        return Recall(ino, leases.generation, recalled)
+
+    def recall_finished(self, ino: int) -> None:
+        """Every holder of the Recall has ACKed or been fenced: the modification may land."""
+        leases = self.inode(ino)
+        if leases.state is InodeState.RECALLING:
+            leases.state = leases.after_recall
+
+    def modification_landed(self, ino: int) -> int:
+        """A modification of `ino` has been applied; returns the count landed so far."""
+        leases = self.inode(ino)
+        leases.landed += 1
+        leases.rearm_at = None
+        if self.policy is Policy.CLEAN_LEASE and leases.state is InodeState.CLEAN:
+            # Only reachable when a modification was reported after the fact
+            # (inotify): the recall it should have caused is the caller's job.
+            leases.state = InodeState.DIRTY
+        return leases.landed
+
+    # --- open-lease: opens for write ------------------------------------------------
+
+    def open_for_write(self, ino: int, writer: int) -> Recall | _Wait | None:
+        """`writer` opens `ino` for write.  Under open-lease, recall every other holder."""
+        if self.policy is not Policy.OPEN_LEASE:
+            return None
+        leases = self.inode(ino)
+        if leases.state is InodeState.RECALLING:
+            return WAIT
+        leases.writers[writer] = leases.writers.get(writer, 0) + 1
+        if not leases.holders:
+            return None
+        return self._start_recall(leases, ino, writer, next_state=InodeState.CLEAN)
+
+    def close_for_write(self, ino: int, writer: int) -> None:
+        """`writer` closed one write handle of `ino`; leases resume when none is left."""
+        if self.policy is not Policy.OPEN_LEASE:
+            return
+        leases = self.inode(ino)
+        count = leases.writers.get(writer, 0) - 1
+        if count > 0:
+            leases.writers[writer] = count
+        else:
+            leases.writers.pop(writer, None)
+
+    # --- directories ------------------------------------------------------------------
+
+    def begin_namespace_change(self, directory: int, writer: int) -> Recall | None:
+        """A name in `directory` is about to change: recall it from the holders.
+
+        Holders keep their lease on the directory (they only drop the name),
+        so the set is not emptied and the directory never turns DIRTY.
+        """
+        if not self.leasing:
+            return None
+        leases = self.inode(directory, is_dir=True)
+        leases.generation += 1
+        holders = frozenset(leases.holders - {writer})
+        if not holders:
+            return None
+        return Recall(directory, leases.generation, holders)
+
+    # --- clean again --------------------------------------------------------------
+
+    def flush_started(self, ino: int) -> int:
+        """A flush of `ino` starts now; pass the returned mark to `flush_finished`."""
+        return self.inode(ino).landed
+
+    def flush_finished(self, ino: int, mark: int) -> None:
+        """The flush begun at `mark` has completed: those modifications are on disk."""
+        leases = self.inode(ino)
+        leases.flushed = max(leases.flushed, mark)
+
+    def wants_rearm(self, ino: int) -> bool:
+        leases = self._inodes.get(ino)
+        return (self.policy is Policy.CLEAN_LEASE and leases is not None
+                and leases.state is InodeState.DIRTY)
+
+    def rearm_begin(self, ino: int) -> bool:
+        """May `ino` become CLEAN?  True when DIRTY and every landed modification
+        is flushed; the daemon must then arm its detector, check cachestat, and
+        call `rearm_finish`.  With nothing in between that could land a write."""
+        leases = self._inodes.get(ino)
+        if leases is None or self.policy is not Policy.CLEAN_LEASE:
+            return False
+        if leases.state is not InodeState.DIRTY or leases.flushed < leases.landed:
+            return False
+        leases.rearm_at = leases.landed
+        return True
+
+    def rearm_finish(self, ino: int, page_cache_clean: bool) -> bool:
+        """Report the cachestat check.  Returns True if `ino` is CLEAN again."""
+        leases = self.inode(ino)
+        ok = (page_cache_clean and leases.state is InodeState.DIRTY
+              and leases.rearm_at is not None and leases.rearm_at == leases.landed)
+        leases.rearm_at = None
+        if ok:
+            leases.state = InodeState.CLEAN
+            leases.armed = True
+        return ok
+
+    def set_armed(self, ino: int, armed: bool) -> None:
+        """The daemon armed or disarmed its kernel detector for `ino`."""
+        self.inode(ino).armed = armed
+
+    # --- guests that go away -----------------------------------------------------------
+
+    def drop_holder(self, guest: int) -> list[int]:
+        """`guest` disconnected or was fenced: it holds nothing any more.
+
+        Returns the inodes it held.  Its open-for-write counts go too.
+        """
+        held = []
+        for ino, leases in self._inodes.items():
+            if guest in leases.holders:
+                leases.holders.discard(guest)
+                held.append(ino)
+            leases.writers.pop(guest, None)
+        return held
+
+    def forget_inode(self, ino: int) -> None:
+        """The inode is gone (unlinked and unreferenced)."""
+        self._inodes.pop(ino, None)

@@ -1,0 +1,93 @@
+"""`cleanlease host`: run the daemon until SIGTERM or SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from host.detectors import make_detector
+from host.server import HostConfig, HostDaemon
+from protocol import wire
+from protocol.messages import Policy
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--export", required=True, metavar="DIR",
+                        help="the directory to share with guests (a real directory; "
+                             "nothing outside it is ever reachable)")
+    parser.add_argument("--listen", required=True, metavar="ADDR",
+                        help="unix:PATH (created 0600) or tcp:HOST:PORT")
+    parser.add_argument("--policy", default="clean-lease", type=Policy.from_label,
+                        help="never | ttl | always | open-lease | clean-lease (default: %(default)s)")
+    parser.add_argument("--lease-term", type=int, default=2000, metavar="MS",
+                        help="how long a guest may serve from cache without hearing from "
+                             "the host (default: %(default)s)")
+    parser.add_argument("--ack-timeout", type=int, default=500, metavar="MS",
+                        help="how long a write waits for an ACK before the silent guest is "
+                             "fenced once its term has run out (default: %(default)s)")
+    parser.add_argument("--clean-after", type=int, default=20, metavar="MS",
+                        help="flush a dirty inode after this much idle time, then re-grant "
+                             "leases if clean (default: %(default)s)")
+    parser.add_argument("--ttl", type=int, default=1000, metavar="MS",
+                        help="attribute/entry timeout of the ttl policy (default: %(default)s)")
+    parser.add_argument("--max-frame", type=int, default=wire.DEFAULT_MAX_FRAME, metavar="BYTES",
+                        help="largest frame payload accepted (default: %(default)s)")
+    parser.add_argument("--detector", default="auto", choices=("auto", "none", "inotify", "fanotify"),
+                        help="how host-local writes are seen: fanotify pre-content events "
+                             "(before they land), inotify (after), none; auto picks the best "
+                             "this machine supports (default: %(default)s)")
+    parser.add_argument("--stats", metavar="PATH", help="write counters as JSON here on exit")
+
+
+def config_from(args: argparse.Namespace) -> HostConfig:
+    export = os.path.realpath(args.export)
+    if not os.path.isdir(export):
+        raise SystemExit(f"cleanlease host: --export {args.export!r} is not a directory")
+    if not wire.MIN_MAX_FRAME <= args.max_frame <= wire.ABSOLUTE_MAX_FRAME:
+        raise SystemExit(f"cleanlease host: --max-frame must be between {wire.MIN_MAX_FRAME} "
+                         f"and {wire.ABSOLUTE_MAX_FRAME}")
+    for name in ("lease_term", "ack_timeout", "clean_after", "ttl"):
+        if getattr(args, name) < 0:
+            raise SystemExit(f"cleanlease host: --{name.replace('_', '-')} must not be negative")
+    return HostConfig(export=export, policy=args.policy, lease_term_ms=args.lease_term,
+                      ack_timeout_ms=args.ack_timeout, clean_after_ms=args.clean_after,
+                      ttl_ms=args.ttl, max_frame=args.max_frame)
+
+
+async def serve(args: argparse.Namespace) -> int:
+    """Serve until SIGTERM/SIGINT.  Prints `READY <address>` once accepting guests."""
+    config = config_from(args)
+    os.umask(0)  # modes asked for by guests are applied as given, as virtiofsd does
+    try:
+        detector, why = make_detector(args.detector, config.export)
+    except ValueError as exc:
+        raise SystemExit(f"cleanlease host: {exc}")
+    print(f"cleanlease host: {why}", file=sys.stderr, flush=True)
+    daemon = HostDaemon(config, detector)
+    address = await daemon.start(args.listen)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    print(f"READY {address} policy={config.policy.label} detector={daemon.detector.kind.label}",
+          flush=True)
+    await stop.wait()
+    await daemon.close()
+    if args.stats:
+        daemon.write_stats(args.stats)
+    if args.listen.startswith("unix:"):
+        try:
+            os.unlink(args.listen[5:])
+        except FileNotFoundError:
+            pass
+    return 0
+
+
+def main(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="host %(levelname)s %(message)s")
+    return args.run_loop(serve(args))

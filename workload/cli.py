@@ -1,0 +1,210 @@
+"""The `cleanlease` command: host, guest, writer, simulate, bench."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import tempfile
+
+DESCRIPTION = """\
+cleanlease: a reference prototype of clean-lease cache coherency for virtio-fs.
+
+A host daemon exports a directory to guest processes; a guest may cache an
+inode only while it is clean on the host.  The first dirtying write recalls
+every guest's copy before it lands; leases come back once the inode is flushed.
+
+  cleanlease host --export DIR --listen unix:/tmp/cl.sock
+  cleanlease simulate --workload read-mostly --guests 3 --duration 5
+  cleanlease simulate --workload host-edit --policies all --plot out.png
+"""
+
+
+def run_loop(coro, loop_name: str = "uvloop"):
+    """Run `coro` on uvloop (the default) or the stock asyncio loop."""
+    if loop_name == "uvloop":
+        import uvloop
+
+        return uvloop.run(coro)
+    return asyncio.run(coro)
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be greater than 0")
+    return value
+
+
+def _workload_arguments(parser: argparse.ArgumentParser) -> None:
+    from workload.workloads import WORKLOADS
+
+    parser.add_argument("--workload", default="read-mostly", metavar="NAME",
+                        help=f"one of: {', '.join(WORKLOADS)} (default: %(default)s)")
+    parser.add_argument("--trace", metavar="FILE",
+                        help="replay a JSON-lines trace instead (docs/workloads.md)")
+    parser.add_argument("--guests", type=int, default=3, help="guest processes (default: %(default)s)")
+    parser.add_argument("--host-writers", type=int, default=0,
+                        help="extra host-local writer processes (default: workload's own)")
+    parser.add_argument("--seed", type=int, default=1, help="workload seed (default: %(default)s)")
+    parser.add_argument("--duration", type=_positive_float, default=5.0, metavar="S",
+                        help="seconds of workload (default: %(default)s)")
+
+
+def _loop_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop",
+                        help="event loop (default: %(default)s)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from host import main as host_main
+
+    parser = argparse.ArgumentParser(prog="cleanlease", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    host = sub.add_parser("host", help="run the host daemon",
+                          description="Serve DIR to guests until SIGTERM/SIGINT. Prints "
+                                      "'READY <address> ...' once it accepts connections.")
+    host_main.add_arguments(host)
+    _loop_argument(host)
+    host.set_defaults(func=_host)
+
+    guest = sub.add_parser("guest", help="run one guest actor of a workload",
+                           description="Connect to a host and run one guest actor of a "
+                                       "workload (used by simulate; prints READY, waits for "
+                                       "'GO <t0_ns>' on stdin).")
+    guest.add_argument("--connect", required=True, metavar="ADDR", help="unix:PATH or tcp:HOST:PORT")
+    guest.add_argument("--actor", required=True, help="which actor of the workload (g0, g1, ...)")
+    guest.add_argument("--log", required=True, help="operation log to write (JSON lines)")
+    guest.add_argument("--stats", required=True, help="counters to write (JSON)")
+    guest.add_argument("--cache-bytes", type=int, default=64 << 20,
+                       help="page cache size (default: %(default)s)")
+    _workload_arguments(guest)
+    _loop_argument(guest)
+    guest.set_defaults(func=_guest)
+
+    writer = sub.add_parser("writer", help="run one host-local writer of a workload",
+                            description="Write into the export directly, as a host program "
+                                        "would (used by simulate).")
+    writer.add_argument("--export", required=True, metavar="DIR")
+    writer.add_argument("--actor", required=True, help="which host-local actor (h0, h1, ...)")
+    writer.add_argument("--log", required=True)
+    writer.add_argument("--stats", required=True)
+    _workload_arguments(writer)
+    _loop_argument(writer)
+    writer.set_defaults(func=_writer)
+
+    sim = sub.add_parser("simulate", help="run a workload with real processes and report",
+                         description="Start a host, guest processes and host-local writers "
+                                     "on a fresh export, run a named workload, check every "
+                                     "read for staleness and print the figures.")
+    _workload_arguments(sim)
+    sim.add_argument("--policy", default="clean-lease",
+                     help="policy for a single run (default: %(default)s)")
+    sim.add_argument("--policies", metavar="LIST",
+                     help="comma-separated policies, or 'all', to compare side by side")
+    sim.add_argument("--cache-bytes", type=int, default=64 << 20)
+    sim.add_argument("--lease-term", type=int, default=2000, metavar="MS")
+    sim.add_argument("--ack-timeout", type=int, default=500, metavar="MS")
+    sim.add_argument("--clean-after", type=int, default=20, metavar="MS",
+                     help="host flushes a dirty inode after this idle time (default: %(default)s)")
+    sim.add_argument("--detector", default="auto", choices=("auto", "none", "inotify", "fanotify"),
+                     help="how the host sees host-local writes (default: %(default)s)")
+    sim.add_argument("--json", metavar="PATH", help="write the figures as JSON")
+    sim.add_argument("--plot", metavar="PNG", help="plot hit rate and stale reads per policy")
+    sim.add_argument("--workdir", metavar="DIR",
+                     help="where exports go (default: a temporary directory under /tmp)")
+    sim.add_argument("--keep", action="store_true", help="keep exports and logs")
+    _loop_argument(sim)
+    sim.set_defaults(func=_simulate)
+    return parser
+
+
+def _host(args) -> int:
+    from host import main as host_main
+
+    args.run_loop = lambda coro: run_loop(coro, args.loop)
+    return host_main.main(args)
+
+
+def _make_workload(args):
+    from workload.workloads import make_workload
+
+    try:
+        return make_workload(args.workload, args.guests, args.host_writers, args.trace)
+    except ValueError as exc:
+        raise SystemExit(f"cleanlease: {exc}")
+
+
+def _guest(args) -> int:
+    from workload.agent import run_guest
+
+    return run_loop(run_guest(args, _make_workload(args)), args.loop)
+
+
+def _writer(args) -> int:
+    from workload.agent import run_host_writer
+
+    return run_loop(run_host_writer(args, _make_workload(args)), args.loop)
+
+
+def _simulate(args) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from protocol.messages import Policy
+    from workload import report
+    from workload.simulate import SimOptions, SimulationError, run_policy
+
+    workload = _make_workload(args)
+    if args.policies:
+        labels = [p.label for p in Policy] if args.policies == "all" else args.policies.split(",")
+    else:
+        labels = [args.policy]
+    try:
+        labels = [Policy.from_label(label.strip()).label for label in labels]
+    except ValueError as exc:
+        raise SystemExit(f"cleanlease simulate: {exc}")
+    opts = SimOptions(workload=args.workload, guests=args.guests, host_writers=args.host_writers,
+                      duration=args.duration, seed=args.seed, cache_bytes=args.cache_bytes,
+                      lease_term_ms=args.lease_term, ack_timeout_ms=args.ack_timeout,
+                      clean_after_ms=args.clean_after, detector=args.detector, loop=args.loop,
+                      trace=args.trace, keep=args.keep)
+    # A pipe or a file gets wide tables rather than squeezed ones.
+    console = Console(width=None if sys.stdout.isatty() else 140)
+    workdir = args.workdir or tempfile.mkdtemp(prefix="cleanlease-")
+    os.makedirs(workdir, exist_ok=True)
+    runs = []
+    with Progress(TextColumn("{task.description}"), BarColumn(), TimeRemainingColumn(),
+                  console=Console(stderr=True), transient=True) as progress:
+        for label in labels:
+            task = progress.add_task(f"{workload.name} / {label}", total=1.0)
+            try:
+                runs.append(run_policy(workload, label, opts, workdir,
+                                       progress=lambda f, t=task: progress.update(t, completed=f)))
+            except SimulationError as exc:
+                console.print(f"[red]simulation failed under {label}:[/red] {exc}")
+                return 1
+            progress.update(task, completed=1.0)
+    rows = report.print_runs(console, runs, per_guest=len(runs) == 1)
+    if args.json:
+        report.write_json(args.json, runs, vars(opts))
+    if args.plot:
+        report.plot(args.plot, workload.name, rows)
+    if not args.keep and not args.workdir:
+        import shutil
+
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return args.func(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
