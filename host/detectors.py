@@ -29,6 +29,9 @@ class Detector:
     async def stop(self) -> None:
         """Stop watching; every event still pending must be answered first."""
 
+    def watch(self, nodeid: int, is_dir: bool) -> None:
+        """A guest was granted a lease on `nodeid`: changes to it must be reported."""
+
     def arm(self, nodeid: int) -> None:
         """Report the next modification of `nodeid` (before it lands, if possible)."""
 
@@ -46,6 +49,11 @@ def make_detector(name: str, export: str) -> tuple[Detector, str]:
     `auto` picks the best one this machine supports.  Raises ValueError for an
     unknown name or for one this machine cannot run (saying what is missing).
     """
-    if name in ("none", "auto"):
-        return NullDetector(), "no host-local detector: only writes through the daemon are seen"
-    raise ValueError(f"detector {name!r} is not available; choose none or auto")
+    if name == "none":
+        return NullDetector(), "detector none: only writes through the daemon are seen"
+    if name in ("inotify", "auto"):
+        from host.inotify_detector import InotifyDetector
+
+        return InotifyDetector(), ("detector inotify: host-local writes are seen after they "
+                                   "land (a short stale window remains)")
+    raise ValueError(f"detector {name!r} is not available; choose none, inotify or auto")

@@ -315,6 +315,10 @@ class LeaseTable:
             leases.writers.pop(guest, None)
         return held
 
+    def leased_inodes(self) -> list[int]:
+        """Inodes some guest holds a lease on."""
+        return [ino for ino, leases in self._inodes.items() if leases.holders]
+
     def forget_inode(self, ino: int) -> None:
         """The inode is gone (unlinked and unreferenced)."""
         self._inodes.pop(ino, None)

@@ -27,7 +27,7 @@ from host import cachestat
 from host.backend import ExportFS
 from host.detectors import Detector as HostDetector
 from host.detectors import NullDetector
-from host.leases import WAIT, LeaseTable, Recall
+from host.leases import HOST_LOCAL, WAIT, InodeState, LeaseTable, Recall
 from protocol import wire
 from protocol.codec import UnsupportedOpcode
 from protocol.connection import NEED_DATA, Connection, Role
@@ -318,6 +318,7 @@ class HostDaemon:
         grant = self.leases.grant(nodeid, session.guest_id, is_dir=is_dir)
         if grant is None:
             return NO_LEASE
+        self.detector.watch(nodeid, is_dir)
         return LeaseGrant(nodeid, grant.generation, self.config.lease_term_ms, LEASE_GRANTED)
 
     def revoked(self, nodeid: int, first_dirty: bool = False) -> LeaseGrant:
@@ -453,6 +454,36 @@ class HostDaemon:
         session.fenced = True
         self.stats.fenced += 1
         self.leases.drop_holder(session.guest_id)
+
+    # --- host-local changes, reported by the detector ---------------------------------
+
+    async def host_local_modify(self, nodeid: int) -> None:
+        """A process on the host is modifying (or has modified) `nodeid`.
+
+        Returns once no guest can serve its old copy.  A pre-content detector
+        answers the kernel only after this returns, so the write lands after
+        the recall; an after-the-fact detector calls it to shorten the window.
+        In DIRTY there is nothing to recall; the cachestat check before the
+        next re-arm sees what the write dirtied.
+        """
+        self.stats.host_local_events += 1
+        if await self.modify(nodeid, HOST_LOCAL):
+            self.modified(nodeid)
+
+    def host_local_modification(self, nodeid: int) -> None:
+        """After the fact: recall the leases on `nodeid` if it was clean."""
+        if self.leases.state_of(nodeid) is InodeState.CLEAN:
+            self._spawn(self.host_local_modify(nodeid))
+
+    def host_local_namespace_change(self, directory: int, name: bytes) -> None:
+        """After the fact: a name in `directory` changed on the host."""
+        self.stats.host_local_events += 1
+        self._spawn(self.namespace_change(directory, name, HOST_LOCAL))
+
+    def host_local_overflow(self) -> None:
+        """Events were lost: recall every lease, since any inode may have changed."""
+        for nodeid in self.leases.leased_inodes():
+            self.host_local_modification(nodeid)
 
     # --- clean again ---------------------------------------------------------------
 
