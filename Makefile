@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/cleanlease simulate --workload read-mostly --guests 3 --duration 5 --seed 1
 
+results: $(STAMP)
+	$(BIN)/cleanlease results
+
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 

@@ -45,6 +45,13 @@ async def _wait_for_go() -> int:
     return int(t0)
 
 
+async def _done_then_wait_for_exit() -> None:
+    """Say DONE, then stay (connected, files open) until the coordinator says EXIT,
+    so that no actor's leaving changes what the others still see."""
+    print("DONE", flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+
+
 async def _due(t0: int, op: Op) -> None:
     delay = (t0 + op.at_ns - time.monotonic_ns()) / 1e9
     if delay > 0:
@@ -150,6 +157,7 @@ async def run_guest(args, workload: Workload) -> int:
             errors[key] = errors.get(key, 0) + 1
     elapsed = time.monotonic_ns() - started
     log.close()
+    await _done_then_wait_for_exit()
     stats = dict(actor=actor.name, policy=client.policy.label, ops=done, elapsed_ns=elapsed,
                  errors=errors, latencies=lat.as_dict(), **client.cache.stats.__dict__,
                  acks=client.acks_sent)
@@ -213,7 +221,9 @@ async def run_host_writer(args, workload: Workload) -> int:
             log.write(record)
         done += 1
     log.close()
+    elapsed = time.monotonic_ns() - started
+    await _done_then_wait_for_exit()
     with open(args.stats, "w") as f:
-        json.dump(dict(actor=actor.name, ops=done, elapsed_ns=time.monotonic_ns() - started,
+        json.dump(dict(actor=actor.name, ops=done, elapsed_ns=elapsed,
                        latencies=lat.as_dict(), errors={}), f)
     return 0

@@ -119,7 +119,26 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--keep", action="store_true", help="keep exports and logs")
     _loop_argument(sim)
     sim.set_defaults(func=_simulate)
+    res = sub.add_parser("results", help="regenerate docs/results.md (all workloads x policies)",
+                         description="Run every workload under every policy and write the "
+                                     "tables and plots to docs/results.md.")
+    res.add_argument("--workloads", metavar="LIST", help="comma-separated subset (default: all)")
+    res.add_argument("--guests", type=int, default=3)
+    res.add_argument("--seed", type=int, default=1)
+    res.add_argument("--duration", type=_positive_float, default=5.0, metavar="S")
+    res.add_argument("--detector", default="auto", choices=("auto", "none", "inotify", "fanotify"))
+    res.add_argument("--output", default="docs/results.md")
+    res.add_argument("--img-dir", default="docs/img")
+    res.add_argument("--workdir", default=None, help="where exports go (default: under /tmp)")
+    res.set_defaults(func=_results)
     return parser
+
+
+def _results(args) -> int:
+    from workload import results
+
+    args.workdir = args.workdir or tempfile.mkdtemp(prefix="cleanlease-results-")
+    return results.main(args)
 
 
 def _host(args) -> int:

@@ -140,6 +140,11 @@ class ChildProcess:
         return self.popen.returncode
 
 
+def _readable(procs: list[ChildProcess], timeout: float) -> list[ChildProcess]:
+    ready, _, _ = select.select([p.popen.stdout for p in procs], [], [], timeout)
+    return [p for p in procs if p.popen.stdout in ready]
+
+
 def run_policy(workload: Workload, policy: str, opts: SimOptions, workdir: str,
                progress=None) -> PolicyRun:
     """Run `workload` under `policy` with real processes; return the checked figures.
@@ -189,16 +194,28 @@ def run_policy(workload: Workload, policy: str, opts: SimOptions, workdir: str,
         for proc in procs:
             proc.tell(f"GO {t0}")
         deadline = time.monotonic() + opts.duration + 120
-        while any(p.popen.poll() is None for p in procs):
+        waiting = list(procs)
+        while waiting:
             if time.monotonic() > deadline:
-                raise SimulationError("actors still running 120 s after the workload's end")
+                names = ", ".join(p.name for p in waiting)
+                raise SimulationError(f"{names} still running 120 s after the workload's end")
             if progress:
                 progress(min(1.0, (time.monotonic_ns() - t0) / 1e9 / opts.duration))
-            time.sleep(0.1)  # polling a progress bar, not waiting for readiness
+            # Wait (a tenth of a second at most, for the progress bar) for DONE lines.
+            for proc in _readable(waiting, 0.1):
+                proc.wait_for_line("DONE", 1)
+                waiting.remove(proc)
+        elapsed = (time.monotonic_ns() - t0) / 1e9  # GO to the last DONE
+        for proc in procs:
+            proc.tell("EXIT")
+        for proc in procs:
+            try:
+                proc.popen.wait(30)
+            except subprocess.TimeoutExpired:
+                raise SimulationError(f"{proc.name} did not exit after EXIT{proc.tail()}") from None
         for proc in procs:
             if proc.popen.returncode != 0:
                 raise SimulationError(f"{proc.name} exited with {proc.popen.returncode}{proc.tail()}")
-        elapsed = (time.monotonic_ns() - t0) / 1e9
     finally:
         for proc in procs:
             proc.stop(signal.SIGKILL if proc.popen.poll() is None else signal.SIGTERM)
