@@ -61,12 +61,15 @@ class SessionLost(ConnectionError):
     """The connection to the host is gone; outstanding requests fail with this."""
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class FileHandle:
+    """An open file.  `nodeid` and `fh` change when the client re-opens it on a new session."""
+
     path: str
     nodeid: int
     fh: int
     flags: int
+    closed: bool = False
 
 
 @dataclass(frozen=True)
@@ -81,196 +84,332 @@ class WriteResult:
     first_dirty: bool  # this write started a recall: it waited for other guests' ACKs
 
 
-class _ClientProtocol(asyncio.Protocol):
+class _Session:
+    """One connection to the host: its protocol state and what is outstanding on it."""
+
     def __init__(self, client: "GuestClient"):
         self.client = client
+        self.conn = Connection(Role.GUEST)
+        self.transport: asyncio.Transport | None = None
+        self.pending: dict[int, tuple[asyncio.Future, float]] = {}
+        loop = asyncio.get_running_loop()
+        self.hello_future: asyncio.Future = loop.create_future()
+        self.closed: asyncio.Future = loop.create_future()
+        self.lost = False
+
+    def send(self, message) -> None:
+        if self.lost or self.transport is None or self.transport.is_closing():
+            raise SessionLost("the connection to the host is closed")
+        self.transport.write(self.conn.send(message))
+
+    def fail_all(self, exc: Exception) -> None:
+        for future, _ in self.pending.values():
+            if not future.done():
+                future.set_exception(exc)
+        self.pending.clear()
+        if not self.hello_future.done():
+            self.hello_future.set_exception(exc)
+
+
+class _ClientProtocol(asyncio.Protocol):
+    def __init__(self, session: _Session):
+        self.session = session
 
     def connection_made(self, transport):
-        self.client._transport = transport
+        self.session.transport = transport
 
     def data_received(self, data):
-        self.client._feed(data)
+        self.session.client._feed(self.session, data)
 
     def eof_received(self):
-        self.client._feed(b"")
+        self.session.client._feed(self.session, b"")
         return False
 
     def connection_lost(self, exc):
-        self.client._lost(exc)
+        self.session.client._lost(self.session, exc)
+
+
+# Operations a client may repeat after reconnecting: repeating them has the same effect.
+_RETRY_ATTEMPTS = 5
 
 
 class GuestClient:
-    """A connected guest.  Create with `await GuestClient.connect(address)`."""
+    """A guest.  Create with `await GuestClient.connect(address)`.
 
-    def __init__(self, *, name: str, cache_bytes: int, request_timeout: float):
+    With `reconnect=True` (the default) a lost connection is re-established
+    with exponential backoff: every cache is dropped (the leases died with the
+    session), the files that were open are re-opened, and the API calls that
+    are safe to repeat (lookups, reads, positional writes, fsync, stat) are
+    retried.  Namespace changes are not: they raise SessionLost, since they
+    may or may not have happened.
+    """
+
+    def __init__(self, address: str, *, name: str, cache_bytes: int, request_timeout: float,
+                 heartbeat: bool, reconnect: bool, reconnect_for: float):
+        self.address = address
         self.name = name
         self.cache_bytes = cache_bytes
         self.request_timeout = request_timeout
-        self.conn = Connection(Role.GUEST)
+        self.heartbeat = heartbeat
+        self.reconnect = reconnect
+        self.reconnect_for = reconnect_for
         self.cache: GuestCache | None = None
         self.hello: HelloReply | None = None
-        self._transport: asyncio.Transport | None = None
-        self._pending: dict[int, tuple[asyncio.Future, float]] = {}
+        self.session: _Session | None = None
+        self.sessions = 0  # how many sessions this client has had
+        self.boot_ids: list[bytes] = []
         self._next_unique = 1
         self._next_heartbeat = 1
-        self._hello_future: asyncio.Future | None = None
-        self._closed: asyncio.Future | None = None
         self._heartbeat_task: asyncio.Task | None = None
-        self.on_invalidate = None  # optional callback(message), for tests and logs
+        self._reconnect_task: asyncio.Task | None = None
+        self._connected = asyncio.Event()
+        self._closing = False
+        self._gone: Exception | None = None
+        self._files: set[FileHandle] = set()
+        self.on_invalidate = None  # optional callback(message), run before the ACK is sent
         self.acks_sent = 0
 
     # --- connecting ------------------------------------------------------------
 
     @classmethod
     async def connect(cls, address: str, *, name: str = "guest", cache_bytes: int = 64 << 20,
-                      request_timeout: float = 30.0, heartbeat: bool = True) -> "GuestClient":
+                      request_timeout: float = 30.0, heartbeat: bool = True,
+                      reconnect: bool = True, reconnect_for: float = 30.0) -> "GuestClient":
         """Connect to `unix:PATH` or `tcp:HOST:PORT` and say HELLO.
 
         Raises ConnectionError if the host refuses (the message says why) or
         OSError if nothing listens there.
         """
-        self = cls(name=name, cache_bytes=cache_bytes, request_timeout=request_timeout)
-        loop = asyncio.get_running_loop()
-        self._closed = loop.create_future()
-        kind, _, rest = address.partition(":")
-        if kind == "unix":
-            await loop.create_unix_connection(lambda: _ClientProtocol(self), rest)
-        elif kind == "tcp":
-            host, _, port = rest.rpartition(":")
-            await loop.create_connection(lambda: _ClientProtocol(self), host, int(port))
-        else:
+        if address.partition(":")[0] not in ("unix", "tcp"):
             raise ValueError(f"address {address!r}: use unix:PATH or tcp:HOST:PORT")
-        self._hello_future = loop.create_future()
-        self._send(Hello(wire.PROTOCOL_VERSION, wire.SUPPORTED_FEATURES, wire.DEFAULT_MAX_FRAME, name))
-        reply: HelloReply = await asyncio.wait_for(self._hello_future, request_timeout)
-        if reply.error:
-            raise ConnectionError(f"host refused HELLO: {os.strerror(-reply.error)}")
-        self.hello = reply
-        self.cache = GuestCache(reply.policy, cache_bytes, ttl_s=reply.ttl_ms / 1000.0,
-                                lease_term_s=reply.lease_term_ms / 1000.0)
-        if heartbeat and self.cache.uses_leases:
-            self._heartbeat_task = asyncio.ensure_future(self._heartbeats())
+        self = cls(address, name=name, cache_bytes=cache_bytes, request_timeout=request_timeout,
+                   heartbeat=heartbeat, reconnect=reconnect, reconnect_for=reconnect_for)
+        await self._open_session()
+        self._connected.set()
         return self
+
+    async def _open_session(self) -> None:
+        loop = asyncio.get_running_loop()
+        session = _Session(self)
+        kind, _, rest = self.address.partition(":")
+        if kind == "unix":
+            await loop.create_unix_connection(lambda: _ClientProtocol(session), rest)
+        else:
+            host, _, port = rest.rpartition(":")
+            await loop.create_connection(lambda: _ClientProtocol(session), host, int(port))
+        session.send(Hello(wire.PROTOCOL_VERSION, wire.SUPPORTED_FEATURES, wire.DEFAULT_MAX_FRAME,
+                           self.name))
+        try:
+            reply: HelloReply = await asyncio.wait_for(session.hello_future, self.request_timeout)
+        except BaseException:
+            session.transport.abort()
+            raise
+        if reply.error:
+            session.transport.close()
+            raise ConnectionError(f"host refused HELLO: {os.strerror(-reply.error)}")
+        # Current only once HELLO succeeded: a session lost before that is the
+        # reconnect loop's business, not a reason to start another one.
+        self.session = session
+        self.hello = reply
+        self.sessions += 1
+        self.boot_ids.append(reply.boot_id)
+        if self.cache is None:
+            self.cache = GuestCache(reply.policy, self.cache_bytes, ttl_s=reply.ttl_ms / 1000.0,
+                                    lease_term_s=reply.lease_term_ms / 1000.0)
+        else:
+            # A new session holds no leases, whatever the boot id says.
+            self.cache.clear()
+        if self.heartbeat and self.cache.uses_leases:
+            self._heartbeat_task = asyncio.ensure_future(self._heartbeats(session))
 
     @property
     def policy(self) -> Policy:
         return self.hello.policy
 
-    async def close(self) -> None:
-        if self._heartbeat_task is not None:
-            self._heartbeat_task.cancel()
-        if self._transport is not None:
-            self._transport.close()
-        if self._closed is not None:
-            await asyncio.shield(self._closed)
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
 
-    async def _heartbeats(self) -> None:
+    async def close(self) -> None:
+        """Close the connection for good (no reconnection)."""
+        self._closing = True
+        for task in (self._heartbeat_task, self._reconnect_task):
+            if task is not None:
+                task.cancel()
+        session = self.session
+        if session is not None and session.transport is not None:
+            session.transport.close()
+            await asyncio.shield(session.closed)
+
+    async def _heartbeats(self, session: _Session) -> None:
         """Renew the lease term while idle, so that leases outlive quiet periods."""
         interval = self.hello.lease_term_ms / 3000.0
-        while True:
+        while not session.lost:
             await asyncio.sleep(interval)
             seq = self._next_heartbeat
             self._next_heartbeat += 1
             future = asyncio.get_running_loop().create_future()
-            self._pending[-seq] = (future, time.monotonic())
+            session.pending[-seq] = (future, time.monotonic())
             try:
-                self._send(Heartbeat(seq))
+                session.send(Heartbeat(seq))
                 await asyncio.wait_for(future, self.request_timeout)
             except (asyncio.TimeoutError, SessionLost, ProtocolError):
                 return
             finally:
-                self._pending.pop(-seq, None)
+                session.pending.pop(-seq, None)
+
+    # --- losing and regaining the host ---------------------------------------------
+
+    def _lost(self, session: _Session, exc) -> None:
+        session.lost = True
+        session.fail_all(SessionLost(f"connection to the host lost: {exc or 'closed'}"))
+        if not session.closed.done():
+            session.closed.set_result(None)
+        if session is not self.session:
+            return
+        self._connected.clear()
+        if self.cache is not None:
+            self.cache.clear()
+        if self.reconnect and not self._closing:
+            if self._reconnect_task is None or self._reconnect_task.done():
+                self._reconnect_task = asyncio.ensure_future(self._reconnect())
+        else:
+            self._gone = SessionLost("the connection to the host is closed")
+
+    async def _reconnect(self) -> None:
+        """Try again with exponential backoff for `reconnect_for` seconds, then give up."""
+        deadline = time.monotonic() + self.reconnect_for
+        delay = 0.02
+        while not self._closing:
+            try:
+                await self._open_session()
+                await self._reopen_files()
+                self._connected.set()  # only now: retried calls need the re-opened handles
+                return
+            except (OSError, ConnectionError, asyncio.TimeoutError, ProtocolError):
+                if time.monotonic() + delay > deadline:
+                    self._gone = SessionLost(
+                        f"the host at {self.address} is gone: no reconnection in "
+                        f"{self.reconnect_for:.0f}s")
+                    self._connected.set()  # wake the waiters, so that they see _gone
+                    return
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    async def _reopen_files(self) -> None:
+        """Re-open, by path, what was open.  A file that is gone (or is now another
+        file that cannot be opened) keeps its old ids, which the new host refuses
+        with ESTALE/EBADF: the caller learns of it on its next use."""
+        for handle in list(self._files):
+            flags = handle.flags & ~(os.O_TRUNC | os.O_CREAT | os.O_EXCL)
+            try:
+                nodeid = await self.resolve(handle.path)
+                reply = await self.request(nodeid, Open(flags))
+            except HostError:
+                continue
+            handle.nodeid, handle.fh = nodeid, reply.body.fh
+
+    async def _wait_connected(self) -> None:
+        if not self._connected.is_set():
+            await asyncio.wait_for(self._connected.wait(), self.reconnect_for + self.request_timeout)
+        if self._gone is not None:
+            raise self._gone
+
+    async def _retrying(self, call):
+        """Run `call()`; after a lost session, wait for the new one and run it again."""
+        for attempt in range(_RETRY_ATTEMPTS):
+            await self._wait_connected()
+            session = self.session
+            try:
+                return await call()
+            except SessionLost:
+                if not self.reconnect or attempt == _RETRY_ATTEMPTS - 1:
+                    raise
+            except HostError as exc:
+                if exc.errno != errno.EKEYEXPIRED or not self.reconnect:
+                    raise
+            # The session that failed must be gone before we wait for the next one.
+            await asyncio.wait_for(asyncio.shield(session.closed), self.request_timeout)
 
     # --- bytes in ---------------------------------------------------------------
 
-    def _send(self, message) -> None:
-        if self._transport is None or self._transport.is_closing():
-            raise SessionLost("the connection to the host is closed")
-        self._transport.write(self.conn.send(message))
-
-    def _feed(self, data: bytes) -> None:
+    def _feed(self, session: _Session, data: bytes) -> None:
         try:
-            self.conn.receive_data(data)
+            session.conn.receive_data(data)
             while True:
-                event = self.conn.next_event()
+                event = session.conn.next_event()
                 if event is NEED_DATA:
                     return
                 if isinstance(event, ConnectionClosed):
-                    self._transport.close()
+                    session.transport.close()
                     return
-                self._handle(event)
+                self._handle(session, event)
         except ProtocolError as exc:
-            self._fail_all(SessionLost(f"protocol error from host: {exc}"))
-            self._transport.abort()
+            session.fail_all(SessionLost(f"protocol error from host: {exc}"))
+            session.transport.abort()
 
-    def _handle(self, event) -> None:
+    def _handle(self, session: _Session, event) -> None:
         match event:
             case FsReply():
-                future, sent_at = self._pending.pop(event.unique, (None, 0.0))
-                if self.cache is not None:
+                future, sent_at = session.pending.pop(event.unique, (None, 0.0))
+                if future is not None:
                     self.cache.renewed(sent_at)
-                if future is not None and not future.done():
-                    future.set_result(event)
+                    if not future.done():
+                        future.set_result(event)
             case Invalidate():
                 self.cache.stats.invalidations += 1
                 self.cache.invalidate_inode(event.ino, event.generation)
                 if self.on_invalidate:
                     self.on_invalidate(event)
-                self._send(Ack(event.seq))
+                session.send(Ack(event.seq))
                 self.acks_sent += 1
             case InvalEntry():
                 self.cache.stats.inval_entries += 1
                 self.cache.invalidate_entry(event.parent, event.name)
                 if self.on_invalidate:
                     self.on_invalidate(event)
-                self._send(Ack(event.seq))
+                session.send(Ack(event.seq))
                 self.acks_sent += 1
             case HeartbeatReply():
-                future, sent_at = self._pending.pop(-event.seq, (None, 0.0))
-                self.cache.renewed(sent_at)
-                if future is not None and not future.done():
-                    future.set_result(event)
+                future, sent_at = session.pending.pop(-event.seq, (None, 0.0))
+                if future is not None:
+                    self.cache.renewed(sent_at)
+                    if not future.done():
+                        future.set_result(event)
             case HelloReply():
-                if not self._hello_future.done():
-                    self._hello_future.set_result(event)
-
-    def _lost(self, exc) -> None:
-        self._fail_all(SessionLost(f"connection to the host lost: {exc or 'closed'}"))
-        if self.cache is not None:
-            self.cache.clear()
-        if self._closed is not None and not self._closed.done():
-            self._closed.set_result(None)
-
-    def _fail_all(self, exc: Exception) -> None:
-        for future, _ in self._pending.values():
-            if not future.done():
-                future.set_exception(exc)
-        self._pending.clear()
-        if self._hello_future is not None and not self._hello_future.done():
-            self._hello_future.set_exception(exc)
+                if not session.hello_future.done():
+                    session.hello_future.set_result(event)
 
     # --- one request ---------------------------------------------------------------
 
     async def request(self, nodeid: int, op) -> FsReply:
-        """Send one FS request and wait for its reply.
+        """Send one FS request on the current session and wait for its reply.
 
         Raises HostError for an errno reply, SessionLost if the connection
-        goes, TimeoutError after `request_timeout`.
+        goes (no retry at this level: node ids and handles belong to the
+        session), TimeoutError after `request_timeout`.  A fenced guest
+        (EKEYEXPIRED) drops every cache and starts a new session.
         """
+        session = self.session
+        if session is None or session.lost:
+            raise SessionLost("not connected to the host")
         unique = self._next_unique
         self._next_unique += 1
         future = asyncio.get_running_loop().create_future()
-        self._pending[unique] = (future, time.monotonic())
+        session.pending[unique] = (future, time.monotonic())
         try:
-            self._send(FsRequest(unique, nodeid, op))
+            session.send(FsRequest(unique, nodeid, op))
             reply: FsReply = await asyncio.wait_for(future, self.request_timeout)
         except asyncio.TimeoutError:
-            self._pending.pop(unique, None)
-            self.conn.forget_request(unique)
+            session.pending.pop(unique, None)
+            session.conn.forget_request(unique)
             raise TimeoutError(f"{op.opcode.name} got no reply within {self.request_timeout}s") from None
         if reply.error:
             if -reply.error == errno.EKEYEXPIRED:
-                self.cache.clear()  # fenced: everything we hold is void
+                # Fenced: every lease we had is void.  Say HELLO again.
+                self.cache.clear()
+                if session.transport is not None:
+                    session.transport.close()
             raise HostError(-reply.error, f"{op.opcode.name}: {os.strerror(-reply.error)}")
         return reply
 
@@ -312,18 +451,18 @@ class GuestClient:
 
     async def lease_root(self) -> None:
         """Ask for the root directory's attributes (and lease, so entries can be cached)."""
-        reply = await self.request(ROOT, Getattr())
-        if self.cache.accept_grant(reply.lease):
-            self.cache.store_attr(ROOT, reply.body.attr)
+        await self._retrying(lambda: self._getattr(ROOT))
 
     # --- the file API ------------------------------------------------------------------
 
     async def stat(self, path: str) -> Attr:
-        nodeid = await self.resolve(path)
-        if self.cache.may_serve_attr(nodeid):
-            self.cache.stats.attr_hits += 1
-            return self.cache.cached_attr(nodeid)
-        return await self._getattr(nodeid)
+        async def call():
+            nodeid = await self.resolve(path)
+            if self.cache.may_serve_attr(nodeid):
+                self.cache.stats.attr_hits += 1
+                return self.cache.cached_attr(nodeid)
+            return await self._getattr(nodeid)
+        return await self._retrying(call)
 
     async def _getattr(self, nodeid: int) -> Attr:
         reply = await self.request(nodeid, Getattr())
@@ -332,25 +471,33 @@ class GuestClient:
         return reply.body.attr
 
     async def open(self, path: str, flags: int = os.O_RDONLY) -> FileHandle:
-        nodeid = await self.resolve(path)
-        writing = (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC
-        if writing:
-            self.cache.forget_own_copy(nodeid)
-        elif self.cache.policy is Policy.TTL:
-            attr = self.cache.cached_attr(nodeid) if self.cache.may_serve_attr(nodeid) else None
-            self.cache.revalidate_at_open(nodeid, attr or await self._getattr(nodeid))
-        reply = await self.request(nodeid, Open(flags))
-        self._take_reply_lease(nodeid, reply, modifies=bool(writing))
-        return FileHandle(path, nodeid, reply.body.fh, flags)
+        async def call():
+            nodeid = await self.resolve(path)
+            writing = (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC
+            if writing:
+                self.cache.forget_own_copy(nodeid)
+            elif self.cache.policy is Policy.TTL:
+                attr = self.cache.cached_attr(nodeid) if self.cache.may_serve_attr(nodeid) else None
+                self.cache.revalidate_at_open(nodeid, attr or await self._getattr(nodeid))
+            reply = await self.request(nodeid, Open(flags))
+            self._take_reply_lease(nodeid, reply, modifies=bool(writing))
+            return FileHandle(path, nodeid, reply.body.fh, flags)
+        handle = await self._retrying(call)
+        self._files.add(handle)
+        return handle
 
     async def create(self, path: str, flags: int = os.O_RDWR, mode: int = 0o644) -> FileHandle:
+        """Create (or open) `path`.  Not retried after a lost session: it raises SessionLost."""
+        await self._wait_connected()
         parent, name = await self._parent_and_name(path)
         reply = await self.request(parent, Create(name, flags | os.O_CREAT, mode))
         entry, opened = reply.body.entry, reply.body.open
         self.cache.invalidate_entry(parent, name)
         self.cache.forget_own_copy(entry.nodeid)
         self._take_reply_lease(entry.nodeid, reply, modifies=True)
-        return FileHandle(path, entry.nodeid, opened.fh, flags)
+        handle = FileHandle(path, entry.nodeid, opened.fh, flags)
+        self._files.add(handle)
+        return handle
 
     def _take_reply_lease(self, nodeid: int, reply: FsReply, *, modifies: bool) -> None:
         if modifies:
@@ -367,9 +514,8 @@ class GuestClient:
         """Read [offset, offset+size): from the cache when the policy allows, else from the host."""
         cache = self.cache
         cache.stats.reads += 1
-        nodeid = handle.nodeid
-        if cache.may_serve_data(nodeid):
-            data = cache.read_pages(nodeid, offset, size)
+        if self.connected and cache.may_serve_data(handle.nodeid):
+            data = cache.read_pages(handle.nodeid, offset, size)
             if data is not None:
                 cache.stats.hits += 1
                 return ReadResult(data, True)
@@ -377,55 +523,73 @@ class GuestClient:
         first = offset - offset % PAGE_SIZE
         end = offset + size
         aligned = ((end + PAGE_SIZE - 1) // PAGE_SIZE) * PAGE_SIZE - first
-        reply = await self.request(nodeid, Read(handle.fh, first, aligned))
-        data = reply.body.data
-        cache.stats.bytes_fetched += len(data)
-        if cache.accept_grant(reply.lease):
-            cache.store_pages(nodeid, first, data, aligned)
+
+        async def call():
+            reply = await self.request(handle.nodeid, Read(handle.fh, first, aligned))
+            data = reply.body.data
+            cache.stats.bytes_fetched += len(data)
+            if cache.accept_grant(reply.lease):
+                cache.store_pages(handle.nodeid, first, data, aligned)
+            return data
+        data = await self._retrying(call)
         start = offset - first
         return ReadResult(data[start: start + size], False)
 
     async def write(self, handle: FileHandle, offset: int, data: bytes) -> WriteResult:
-        self.cache.forget_own_copy(handle.nodeid)
-        reply = await self.request(handle.nodeid, Write(handle.fh, offset, data))
-        self._take_reply_lease(handle.nodeid, reply, modifies=True)
-        return WriteResult(reply.body.size, reply.lease.first_dirty)
+        """Write at `offset` (retried after a lost session: a positional write repeats safely)."""
+        async def call():
+            self.cache.forget_own_copy(handle.nodeid)
+            reply = await self.request(handle.nodeid, Write(handle.fh, offset, data))
+            self._take_reply_lease(handle.nodeid, reply, modifies=True)
+            return WriteResult(reply.body.size, reply.lease.first_dirty)
+        return await self._retrying(call)
 
     async def truncate(self, handle: FileHandle, size: int) -> None:
-        self.cache.forget_own_copy(handle.nodeid)
-        reply = await self.request(handle.nodeid, Setattr(FATTR_SIZE, size=size))
-        self._take_reply_lease(handle.nodeid, reply, modifies=True)
+        async def call():
+            self.cache.forget_own_copy(handle.nodeid)
+            reply = await self.request(handle.nodeid, Setattr(FATTR_SIZE, size=size))
+            self._take_reply_lease(handle.nodeid, reply, modifies=True)
+        await self._retrying(call)
 
     async def fsync(self, handle: FileHandle, datasync: bool = False) -> None:
-        await self.request(handle.nodeid, Fsync(handle.fh, 1 if datasync else 0))
+        await self._retrying(lambda: self.request(handle.nodeid, Fsync(handle.fh, 1 if datasync else 0)))
 
     async def close_file(self, handle: FileHandle) -> None:
-        await self.request(handle.nodeid, Release(handle.fh, handle.flags))
+        self._files.discard(handle)
+        if handle.closed:
+            return
+        handle.closed = True
+        await self._retrying(lambda: self.request(handle.nodeid, Release(handle.fh, handle.flags)))
 
     async def listdir(self, path: str = "") -> list[str]:
-        nodeid = await self.resolve(path)
-        names, offset = [], 0
-        while True:
-            reply = await self.request(nodeid, Readdir(0, offset))
-            entries = reply.body.entries
-            if not entries:
-                break
-            names.extend(os.fsdecode(e.name) for e in entries)
-            offset = entries[-1].off
-        self.cache.accept_grant(reply.lease)
-        return names
+        async def call():
+            nodeid = await self.resolve(path)
+            names, offset = [], 0
+            while True:
+                reply = await self.request(nodeid, Readdir(0, offset))
+                entries = reply.body.entries
+                if not entries:
+                    break
+                names.extend(os.fsdecode(e.name) for e in entries)
+                offset = entries[-1].off
+            self.cache.accept_grant(reply.lease)
+            return names
+        return await self._retrying(call)
 
     async def mkdir(self, path: str, mode: int = 0o755) -> None:
+        await self._wait_connected()
         parent, name = await self._parent_and_name(path)
         self.cache.invalidate_entry(parent, name)
         await self.request(parent, Mkdir(name, mode))
 
     async def unlink(self, path: str) -> None:
+        await self._wait_connected()
         parent, name = await self._parent_and_name(path)
         self.cache.invalidate_entry(parent, name)
         await self.request(parent, Unlink(name))
 
     async def rename(self, old: str, new: str) -> None:
+        await self._wait_connected()
         old_parent, old_name = await self._parent_and_name(old)
         new_parent, new_name = await self._parent_and_name(new)
         self.cache.invalidate_entry(old_parent, old_name)

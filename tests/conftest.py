@@ -73,17 +73,18 @@ class Child:
 
 @pytest.fixture
 def start_host(tmp_path):
-    """start_host(export, *args) -> (Child, address): a real `cleanlease host` process."""
+    """start_host(export, *args, address=None) -> (Child, address): a real `cleanlease host`
+    process, listening on a fresh socket or on `address` (to restart a host in place)."""
     started = []
 
-    def start(export_dir, *args):
-        sock = str(tmp_path / f"host{len(started)}.sock")
+    def start(export_dir, *args, address=None):
+        address = address or f"unix:{tmp_path / f'host{len(started)}.sock'}"
         host = Child([sys.executable, "-m", "workload.cli", "host", "--export", str(export_dir),
-                      "--listen", f"unix:{sock}", *args], "host")
+                      "--listen", address, *args], "host")
         started.append(host)
         line = host.line(30)
         assert line.startswith("READY"), line
-        return host, f"unix:{sock}"
+        return host, address
 
     yield start
     for host in started:

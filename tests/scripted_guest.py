@@ -64,12 +64,13 @@ async def main(address: str, name: str) -> None:
                 a = await client.stat(cmd["path"])
                 emit({"ok": True, "size": a.size})
             elif op == "stats":
-                emit({"ok": True, **client.cache.stats.__dict__})
+                emit({"ok": True, **client.cache.stats.__dict__, "sessions": client.sessions,
+                      "boot_ids": len(set(client.boot_ids))})
             elif op == "quit":
                 break
             else:
                 emit({"ok": False, "error": f"unknown op {op}"})
-        except (HostError, KeyError) as exc:
+        except (HostError, KeyError, ConnectionError, TimeoutError) as exc:
             emit({"ok": False, "error": str(exc)})
     await client.close()
 

@@ -1,0 +1,74 @@
+"""Faults with real processes and signals: guests that die or stop, a host that restarts."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+
+def _lease(guest, path):
+    guest.do(op="open", path=path)
+    guest.do(op="read", path=path, size=64)
+    assert guest.do(op="read", path=path, size=64)["hit"] is True
+
+
+def test_killed_guest_loses_its_leases_at_once(export, start_host, start_guest):
+    (export / "f").write_bytes(b"a" * 64)
+    _, address = start_host(export, "--ack-timeout", "5000", "--lease-term", "5000")
+    a = start_guest(address, "A")
+    b = start_guest(address, "B")
+    _lease(b, "f")
+    b.proc.send_signal(signal.SIGKILL)
+    b.proc.wait(10)
+    a.do(op="open", path="f", mode="rw")
+    t0 = time.monotonic()
+    a.do(op="write", path="f", data="b")
+    # Had B's lease survived its death, this write would wait 5 s for an ACK.
+    assert time.monotonic() - t0 < 2.0
+
+
+def test_stopped_guest_stalls_a_writer_at_most_ack_timeout_plus_term_and_reads_nothing_stale(
+        export, start_host, start_guest):
+    (export / "f").write_bytes(b"old" * 20)
+    _, address = start_host(export, "--ack-timeout", "300", "--lease-term", "1000")
+    a = start_guest(address, "A")
+    b = start_guest(address, "B")
+    _lease(b, "f")
+    b.proc.send_signal(signal.SIGSTOP)
+    try:
+        a.do(op="open", path="f", mode="rw")
+        t0 = time.monotonic()
+        a.do(op="write", path="f", data="NEW")
+        stall = time.monotonic() - t0
+    finally:
+        b.proc.send_signal(signal.SIGCONT)
+    assert 0.3 <= stall <= 0.3 + 1.0 + 0.5, stall
+    # B was fenced: its next read is not served from its old cache, and it
+    # recovers by itself (a new session) to read the new bytes.
+    r = b.do(op="read", path="f", size=60)
+    assert r["data"].startswith("NEW") and r["hit"] is False
+    assert b.do(op="stats")["sessions"] == 2
+
+
+def test_host_restart_guests_reconnect_drop_caches_and_reopen(export, start_host, start_guest):
+    (export / "f").write_bytes(b"one" * 20)
+    host, address = start_host(export)
+    b = start_guest(address, "B")
+    _lease(b, "f")
+    b.do(op="open", path="f", mode="rw")  # a second handle, for writing
+    b.do(op="write", path="f", data="SYNCED")
+    b.do(op="fsync", path="f")
+    host.proc.send_signal(signal.SIGKILL)
+    host.proc.wait(10)
+    # A host-local change while the daemon is down: the guest must not serve its old cache.
+    with open(export / "f", "r+b") as f:
+        f.seek(30)
+        f.write(b"DOWNTIME")
+    start_host(export, address=address)
+    r = b.do(op="read", path="f", size=60)
+    assert r["hit"] is False
+    assert r["data"].startswith("SYNCED")  # the fsynced write survived
+    assert "DOWNTIME" in r["data"]
+    stats = b.do(op="stats")
+    assert stats["sessions"] == 2 and stats["boot_ids"] == 2
