@@ -30,7 +30,7 @@ from host.detectors import NullDetector
 from host.leases import HOST_LOCAL, WAIT, InodeState, LeaseTable, Recall
 from protocol import wire
 from protocol.codec import UnsupportedOpcode
-from protocol.connection import NEED_DATA, Connection, Role
+from protocol.connection import NEED_DATA, Connection, Role, State
 from protocol.errors import ProtocolError
 from protocol.fuse import FATTR_ATIME, FATTR_FH, FATTR_MODE, FATTR_MTIME, FATTR_SIZE, Opcode
 from protocol.messages import (
@@ -122,7 +122,10 @@ class Session:
         self.acks: dict[int, asyncio.Future] = {}
 
     def send(self, message) -> None:
-        if self.closed:
+        """Write `message`; dropped if the connection has failed or is closing (the
+        guest is gone, or about to be: nothing it could still use is lost)."""
+        if self.closed or self.transport.is_closing() or self.conn.state in (State.ERROR,
+                                                                              State.CLOSED):
             return
         data = self.conn.send(message)
         self.daemon.stats.bytes_to_guests += len(data)
