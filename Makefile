@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/cleanlease simulate --workload read-mostly --guests 3 --duration 5 --seed 1
 
+chaos: $(STAMP)
+	$(BIN)/cleanlease chaos --duration 20 --seed 1
+
 results: $(STAMP)
 	$(BIN)/cleanlease results
 

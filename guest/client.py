@@ -230,6 +230,12 @@ class GuestClient:
     def connected(self) -> bool:
         return self._connected.is_set()
 
+    def cut_connection(self) -> None:
+        """Drop the connection as a failing network would (fault injection): the
+        client notices, like any lost session, and reconnects."""
+        if self.session is not None and self.session.transport is not None:
+            self.session.transport.abort()
+
     async def close(self) -> None:
         """Close the connection for good (no reconnection)."""
         self._closing = True

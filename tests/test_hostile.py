@@ -7,99 +7,26 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
-import random
 import socket
-import struct
 
 import pytest
 
 from guest.client import GuestClient, HostError
-from protocol import codec, wire
+from protocol import codec
+from workload import fuzz
 from protocol.connection import Connection, Role
-from protocol.messages import (
-    FsRequest,
-    Getattr,
-    Hello,
-    Lookup,
-    Open,
-    Read,
-    Readdir,
-    Write,
-)
+from protocol.messages import FsRequest, Getattr, Lookup, Open, Read
 
 GOOD_NAME = "the-good-guests-file-with-a-long-name.dat"
 GOOD_DATA = bytes(range(256)) * 16
 
 
 def _hello_bytes() -> bytes:
-    return Connection(Role.GUEST).send(Hello(wire.PROTOCOL_VERSION, 3, wire.DEFAULT_MAX_FRAME, "fuzz"))
+    return fuzz.hello_bytes()
 
 
 def _frame(request: int, flags: int, payload: bytes) -> bytes:
-    return struct.pack("<III", request, flags, len(payload)) + payload
-
-
-def _valid_requests(rng: random.Random) -> list[bytes]:
-    """Well-formed FS request frames with hostile contents (ids never issued, odd names)."""
-    ops = [
-        (1, Lookup(b"..")), (1, Lookup(b"a/b")), (1, Lookup(b"x" * 300)), (1, Lookup(b".")),
-        (rng.randrange(2, 1 << 40), Getattr()), (1, Open(os.O_RDWR)),
-        (1, Read(rng.randrange(1 << 32), 0, 4096)), (1, Write(rng.randrange(1 << 32), 0, b"zz")),
-        (rng.randrange(1 << 63), Readdir()), (1, Lookup(os.fsencode(GOOD_NAME))),
-    ]
-    frames = []
-    for unique, (nodeid, op) in enumerate(ops, start=rng.randrange(1, 1 << 30)):
-        code, flags, payload = codec.encode_payload(FsRequest(unique, nodeid, op))
-        frames.append(_frame(code, flags, payload))
-    return frames
-
-
-def _mutate(rng: random.Random, frame: bytes) -> bytes:
-    data = bytearray(frame)
-    choice = rng.randrange(5)
-    if choice == 0:  # flip bits
-        for _ in range(rng.randrange(1, 4)):
-            i = rng.randrange(len(data))
-            data[i] ^= 1 << rng.randrange(8)
-    elif choice == 1:  # truncate the payload but keep the header's size
-        data = data[: rng.randrange(12, len(data))] if len(data) > 12 else data
-        data += b"\x00" * 0
-    elif choice == 2:  # an unknown FUSE opcode (the connection survives with ENOSYS)
-        if len(data) >= 20:
-            struct.pack_into("<I", data, 16, rng.choice([0, 99, 4096, 0xFFFFFFFF]))
-    elif choice == 3:  # lie about the fuse_in_header length
-        if len(data) >= 16:
-            struct.pack_into("<I", data, 12, rng.randrange(1 << 32))
-    else:  # garbage payload under a valid header
-        payload = os.urandom(rng.randrange(0, 200))
-        data = bytearray(_frame(wire.Request.FS, wire.PROTOCOL_VERSION | wire.FLAG_NEED_REPLY,
-                                payload))
-    return bytes(data)
-
-
-def _fatal(rng: random.Random) -> bytes:
-    """A frame after which the daemon must close the connection."""
-    return rng.choice([
-        struct.pack("<III", wire.Request.FS, 1 | wire.FLAG_NEED_REPLY, 1 << 30),  # oversize
-        struct.pack("<III", 77, 1, 0),  # unknown request code
-        struct.pack("<III", wire.Request.HELLO, 1 | wire.FLAG_NEED_REPLY, 0),  # HELLO again, empty
-        os.urandom(64),
-    ])
-
-
-def _send_connection(address: str, frames: list[bytes]) -> None:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(10)
-    sock.connect(address.partition(":")[2])
-    try:
-        sock.sendall(_hello_bytes() + b"".join(frames))
-        sock.shutdown(socket.SHUT_WR)
-        while sock.recv(65536):  # drain replies until the daemon closes
-            pass
-    except (ConnectionResetError, BrokenPipeError):
-        pass  # the daemon closed on a bad frame before reading everything
-    finally:
-        sock.close()
+    return fuzz.frame(request, flags, payload)
 
 
 async def test_ten_thousand_malformed_frames_while_a_good_guest_reads(export, start_host):
@@ -107,23 +34,10 @@ async def test_ten_thousand_malformed_frames_while_a_good_guest_reads(export, st
     host, address = start_host(export, "--detector", "none")
     good = await GuestClient.connect(address, name="good", reconnect=False)
     handle = await good.open(GOOD_NAME)
-    def fuzz() -> int:
-        rng = random.Random(2024)
-        sent = 0
-        while sent < 10_000:
-            frames = []
-            for _ in range(rng.randrange(20, 60)):
-                frame = rng.choice(_valid_requests(rng))
-                frames.append(_mutate(rng, frame) if rng.random() < 0.8 else frame)
-            if rng.random() < 0.5:
-                frames.append(_fatal(rng))
-            _send_connection(address, frames)
-            sent += len(frames)
-        return sent
-
     # The fuzzer runs in a thread, so that the good guest keeps reading (and
     # answering invalidations) while the frames arrive.
-    fuzzing = asyncio.ensure_future(asyncio.to_thread(fuzz))
+    fuzzing = asyncio.ensure_future(asyncio.to_thread(
+        fuzz.fuzz, address, 10_000, 2024, (os.fsencode(GOOD_NAME),)))
     reads = 0
     while not fuzzing.done():
         result = await good.read(handle, 0, len(GOOD_DATA))

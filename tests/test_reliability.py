@@ -72,3 +72,18 @@ def test_host_restart_guests_reconnect_drop_caches_and_reopen(export, start_host
     assert "DOWNTIME" in r["data"]
     stats = b.do(op="stats")
     assert stats["sessions"] == 2 and stats["boot_ids"] == 2
+
+
+def test_a_short_chaos_run_keeps_every_promise(tmp_path):
+    """Seeded faults (stops, cuts, a host restart, fuzzing) during a real simulation:
+    no stale read, no lost write, no daemon crash, writers stall within the bound."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "workload.cli", "chaos", "--duration", "6", "--seed", "3",
+         "--mean-gap", "0.5", "--workdir", str(tmp_path)],
+        capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "all promises held" in proc.stdout
+    assert "faults injected: restart-host" in proc.stdout

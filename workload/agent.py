@@ -17,10 +17,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import sys
 import time
 
-from guest.client import FileHandle, GuestClient, HostError
+from guest.client import FileHandle, GuestClient, HostError, SessionLost
 from workload import stamp as stamps
 from workload.oplog import LogWriter, ReadRecord, WriteRecord
 from workload.workloads import APPEND, FSYNC, READ, SAVE, WRITE, Actor, Op, Workload
@@ -99,6 +100,8 @@ async def run_guest(args, workload: Workload) -> int:
     actor = _actor(workload, args.actor)
     ops = workload.schedule(actor, args.seed, args.duration)
     client = await GuestClient.connect(args.connect, name=actor.name, cache_bytes=args.cache_bytes)
+    # Fault injection (`cleanlease chaos`): SIGUSR1 cuts this guest's connection.
+    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, client.cut_connection)
     await client.lease_root()
     held: dict[int, FileHandle] = {}
     if workload.writer_holds_open and actor.role == "writer":
@@ -152,7 +155,7 @@ async def run_guest(args, workload: Workload) -> int:
             else:
                 raise ValueError(f"a guest cannot {op.kind}")
             done += 1
-        except (HostError, TimeoutError) as exc:
+        except (HostError, TimeoutError, SessionLost) as exc:
             key = f"{op.kind}: {exc}"
             errors[key] = errors.get(key, 0) + 1
     elapsed = time.monotonic_ns() - started

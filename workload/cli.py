@@ -119,6 +119,28 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--keep", action="store_true", help="keep exports and logs")
     _loop_argument(sim)
     sim.set_defaults(func=_simulate)
+    chaos = sub.add_parser("chaos", help="seeded fault injection against a real simulation",
+                           description="Run a multi-writer workload under clean-lease while "
+                                       "stopping guests, cutting connections, restarting the "
+                                       "host and sending malformed frames; then report stale "
+                                       "reads, lost writes, the worst writer stall and daemon "
+                                       "crashes. Exits 1 if any promise broke.")
+    chaos.add_argument("--workload", default="read-mostly")
+    chaos.add_argument("--policy", default="clean-lease")
+    chaos.add_argument("--guests", type=int, default=3)
+    chaos.add_argument("--seed", type=int, default=1)
+    chaos.add_argument("--duration", type=_positive_float, default=20.0, metavar="S")
+    chaos.add_argument("--mean-gap", type=_positive_float, default=0.8, metavar="S",
+                       help="mean time between faults (default: %(default)s)")
+    chaos.add_argument("--lease-term", type=int, default=1000, metavar="MS")
+    chaos.add_argument("--ack-timeout", type=int, default=300, metavar="MS")
+    chaos.add_argument("--restart-allowance", type=int, default=3000, metavar="MS",
+                       help="extra stall allowed for a write in flight while the host restarts "
+                            "(the new daemon's start-up) (default: %(default)s)")
+    chaos.add_argument("--workdir", default=None)
+    chaos.add_argument("--keep", action="store_true")
+    chaos.set_defaults(func=_chaos)
+
     res = sub.add_parser("results", help="regenerate docs/results.md (all workloads x policies)",
                          description="Run every workload under every policy and write the "
                                      "tables and plots to docs/results.md.")
@@ -132,6 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
     res.add_argument("--workdir", default=None, help="where exports go (default: under /tmp)")
     res.set_defaults(func=_results)
     return parser
+
+
+def _chaos(args) -> int:
+    from workload import chaos
+
+    args.workdir = args.workdir or tempfile.mkdtemp(prefix="cleanlease-chaos-")
+    return chaos.run(args)
 
 
 def _results(args) -> int:

@@ -145,92 +145,156 @@ def _readable(procs: list[ChildProcess], timeout: float) -> list[ChildProcess]:
     return [p for p in procs if p.popen.stdout in ready]
 
 
+class Simulation:
+    """One workload under one policy, step by step (for `run_policy` and for chaos).
+
+    start() -> go() -> wait_done() -> finish(); `restart_host()` may be called
+    while the actors run.  Every process is stopped by finish() or abort().
+    """
+
+    def __init__(self, workload: Workload, policy: str, opts: SimOptions, workdir: str):
+        self.workload, self.policy, self.opts = workload, policy, opts
+        self.run_dir = tempfile.mkdtemp(prefix=f"{policy}-", dir=workdir)
+        self.export = os.path.join(self.run_dir, "export")
+        os.mkdir(self.export)
+        populate(self.export, workload)
+        self.address = f"unix:{os.path.join(self.run_dir, 'host.sock')}"
+        self.host: ChildProcess | None = None
+        self.hosts = 0
+        self.detector = "none"
+        self.procs: list[ChildProcess] = []
+        self.actors: list[tuple] = []
+        self.t0 = 0
+        self.elapsed = 0.0
+
+    def _host_stats(self, incarnation: int) -> str:
+        return os.path.join(self.run_dir, f"host{incarnation}.json")
+
+    def start_host(self) -> ChildProcess:
+        """Start a host on the simulation's socket (again, after a crash) and wait for READY."""
+        o = self.opts
+        self.hosts += 1
+        self.host = ChildProcess(
+            f"host{self.hosts}",
+            _command("host", "--export", self.export, "--listen", self.address,
+                     "--policy", self.policy, "--stats", self._host_stats(self.hosts),
+                     "--lease-term", str(o.lease_term_ms), "--ack-timeout", str(o.ack_timeout_ms),
+                     "--clean-after", str(o.clean_after_ms), "--detector", o.detector,
+                     "--loop", o.loop),
+            os.path.join(self.run_dir, f"host{self.hosts}.err"), stdin=False)
+        ready = self.host.wait_for_line("READY", 30)
+        self.detector = ready.rpartition("detector=")[2] or "none"
+        return self.host
+
+    def start(self) -> None:
+        """Start the host and every actor; return when all are READY."""
+        o = self.opts
+        self.start_host()
+        workload_args = ["--workload", o.workload, "--guests", str(o.guests),
+                         "--host-writers", str(o.host_writers), "--seed", str(o.seed),
+                         "--duration", str(o.duration), "--loop", o.loop]
+        if o.trace:
+            workload_args += ["--trace", o.trace]
+        for actor in self.workload.actors:
+            log = os.path.join(self.run_dir, f"{actor.name}.log")
+            stats = os.path.join(self.run_dir, f"{actor.name}.json")
+            if actor.host_local:
+                argv = _command("writer", "--export", self.export, "--actor", actor.name,
+                                "--log", log, "--stats", stats, *workload_args)
+            else:
+                argv = _command("guest", "--connect", self.address, "--actor", actor.name,
+                                "--log", log, "--stats", stats,
+                                "--cache-bytes", str(o.cache_bytes), *workload_args)
+            self.procs.append(ChildProcess(actor.name, argv,
+                                           os.path.join(self.run_dir, f"{actor.name}.err"),
+                                           stdin=True))
+            self.actors.append((actor, log, stats))
+        for proc in self.procs:
+            proc.wait_for_line("READY", 60)
+
+    def go(self) -> None:
+        self.t0 = time.monotonic_ns() + 50_000_000
+        for proc in self.procs:
+            proc.tell(f"GO {self.t0}")
+
+    def guest_procs(self) -> list[ChildProcess]:
+        return [p for p, (a, _, _) in zip(self.procs, self.actors) if not a.host_local]
+
+    def wait_done(self, progress=None, during=None) -> None:
+        """Wait for every actor's DONE (`during(seconds_since_go)` runs every 0.1 s at most)."""
+        deadline = time.monotonic() + self.opts.duration + 120
+        waiting = list(self.procs)
+        while waiting:
+            if time.monotonic() > deadline:
+                names = ", ".join(p.name for p in waiting)
+                raise SimulationError(f"{names} still running 120 s after the workload's end")
+            since = (time.monotonic_ns() - self.t0) / 1e9
+            if progress:
+                progress(min(1.0, since / self.opts.duration))
+            if during:
+                during(since)
+            for proc in _readable(waiting, 0.1):
+                proc.wait_for_line("DONE", 1)
+                waiting.remove(proc)
+        self.elapsed = (time.monotonic_ns() - self.t0) / 1e9  # GO to the last DONE
+
+    def finish(self, extra_records=()) -> PolicyRun:
+        """Let the actors exit, stop the host, check the logs (and `extra_records`, such
+        as chaos's final reads); raise SimulationError on failure."""
+        try:
+            for proc in self.procs:
+                proc.tell("EXIT")
+            for proc in self.procs:
+                try:
+                    proc.popen.wait(30)
+                except subprocess.TimeoutExpired:
+                    raise SimulationError(f"{proc.name} did not exit after EXIT{proc.tail()}") from None
+            for proc in self.procs:
+                if proc.popen.returncode != 0:
+                    raise SimulationError(
+                        f"{proc.name} exited with {proc.popen.returncode}{proc.tail()}")
+        finally:
+            self.abort()
+        if self.host.popen.returncode != 0:
+            raise SimulationError(f"host exited with {self.host.popen.returncode}{self.host.tail()}")
+        return self.collect(self.records() + list(extra_records))
+
+    def abort(self) -> None:
+        for proc in self.procs:
+            proc.stop(signal.SIGKILL if proc.popen.poll() is None else signal.SIGTERM)
+        if self.host is not None:
+            self.host.stop()
+
+    def records(self) -> list:
+        return read_logs([log for _, log, _ in self.actors])
+
+    def collect(self, records=None) -> PolicyRun:
+        records = self.records() if records is None else records
+        guest_names = [a.name for a, _, _ in self.actors if not a.host_local]
+        result = PolicyRun(
+            policy=self.policy, workload=self.workload.name,
+            check=check(records),
+            oracle=oracle(records, self.opts.cache_bytes, actors=guest_names),
+            host=json.load(open(self._host_stats(self.hosts))),
+            actors=[json.load(open(stats)) for _, _, stats in self.actors],
+            elapsed_s=self.elapsed, detector=self.detector)
+        if not self.opts.keep:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+        return result
+
+
 def run_policy(workload: Workload, policy: str, opts: SimOptions, workdir: str,
                progress=None) -> PolicyRun:
     """Run `workload` under `policy` with real processes; return the checked figures.
 
     Raises SimulationError if any process fails; every process is stopped.
     """
-    run_dir = tempfile.mkdtemp(prefix=f"{policy}-", dir=workdir)
-    export = os.path.join(run_dir, "export")
-    os.mkdir(export)
-    populate(export, workload)
-    sock = os.path.join(run_dir, "host.sock")
-    host_stats = os.path.join(run_dir, "host.json")
-    common = ["--loop", opts.loop]
-    workload_args = ["--workload", opts.workload, "--guests", str(opts.guests),
-                     "--host-writers", str(opts.host_writers), "--seed", str(opts.seed),
-                     "--duration", str(opts.duration)]
-    if opts.trace:
-        workload_args += ["--trace", opts.trace]
-    procs: list[ChildProcess] = []
-    host = ChildProcess("host", _command("host", "--export", export, "--listen", f"unix:{sock}",
-                                  "--policy", policy, "--stats", host_stats,
-                                  "--lease-term", str(opts.lease_term_ms),
-                                  "--ack-timeout", str(opts.ack_timeout_ms),
-                                  "--clean-after", str(opts.clean_after_ms),
-                                  "--detector", opts.detector, *common),
-                 os.path.join(run_dir, "host.err"), stdin=False)
+    sim = Simulation(workload, policy, opts, workdir)
     try:
-        ready = host.wait_for_line("READY", 30)
-        detector = ready.rpartition("detector=")[2] or "none"
-        actors = []
-        for actor in workload.actors:
-            log = os.path.join(run_dir, f"{actor.name}.log")
-            stats = os.path.join(run_dir, f"{actor.name}.json")
-            if actor.host_local:
-                argv = _command("writer", "--export", export, "--actor", actor.name,
-                                "--log", log, "--stats", stats, *workload_args, *common)
-            else:
-                argv = _command("guest", "--connect", f"unix:{sock}", "--actor", actor.name,
-                                "--log", log, "--stats", stats,
-                                "--cache-bytes", str(opts.cache_bytes), *workload_args, *common)
-            procs.append(ChildProcess(actor.name, argv, os.path.join(run_dir, f"{actor.name}.err"),
-                               stdin=True))
-            actors.append((actor, log, stats))
-        for proc in procs:
-            proc.wait_for_line("READY", 60)
-        t0 = time.monotonic_ns() + 50_000_000
-        for proc in procs:
-            proc.tell(f"GO {t0}")
-        deadline = time.monotonic() + opts.duration + 120
-        waiting = list(procs)
-        while waiting:
-            if time.monotonic() > deadline:
-                names = ", ".join(p.name for p in waiting)
-                raise SimulationError(f"{names} still running 120 s after the workload's end")
-            if progress:
-                progress(min(1.0, (time.monotonic_ns() - t0) / 1e9 / opts.duration))
-            # Wait (a tenth of a second at most, for the progress bar) for DONE lines.
-            for proc in _readable(waiting, 0.1):
-                proc.wait_for_line("DONE", 1)
-                waiting.remove(proc)
-        elapsed = (time.monotonic_ns() - t0) / 1e9  # GO to the last DONE
-        for proc in procs:
-            proc.tell("EXIT")
-        for proc in procs:
-            try:
-                proc.popen.wait(30)
-            except subprocess.TimeoutExpired:
-                raise SimulationError(f"{proc.name} did not exit after EXIT{proc.tail()}") from None
-        for proc in procs:
-            if proc.popen.returncode != 0:
-                raise SimulationError(f"{proc.name} exited with {proc.popen.returncode}{proc.tail()}")
-    finally:
-        for proc in procs:
-            proc.stop(signal.SIGKILL if proc.popen.poll() is None else signal.SIGTERM)
-        code = host.stop()
-    if code != 0:
-        raise SimulationError(f"host exited with {code}{host.tail()}")
-    records = read_logs([log for _, log, _ in actors])
-    guest_names = [a.name for a, _, _ in actors if not a.host_local]
-    result = PolicyRun(
-        policy=policy, workload=workload.name,
-        check=check(records),
-        oracle=oracle(records, opts.cache_bytes, actors=guest_names),
-        host=json.load(open(host_stats)),
-        actors=[json.load(open(stats)) for _, _, stats in actors],
-        elapsed_s=elapsed, detector=detector)
-    if not opts.keep:
-        shutil.rmtree(run_dir, ignore_errors=True)
-    return result
+        sim.start()
+        sim.go()
+        sim.wait_done(progress)
+    except BaseException:
+        sim.abort()
+        raise
+    return sim.finish()
