@@ -213,6 +213,8 @@ def encode_payload(message: Message) -> tuple[wire.Request, int, bytes]:
         case FsReply():
             if not -_MAX_ERRNO <= message.error <= 0:
                 raise LocalProtocolError(f"FsReply.error {message.error} is not 0 or -errno")
+            if message.error and not isinstance(message.body, EmptyOut):
+                raise LocalProtocolError("FsReply: an error reply carries no body (use EmptyOut)")
             body = b"" if message.error else _encode_reply_body(message.body)
             header = {"len": fuse.FUSE_OUT_HEADER_SIZE + len(body), "error": message.error,
                       "unique": message.unique}
@@ -305,6 +307,10 @@ def _decode_reply_body(opcode: Opcode, body: bytes):
         return WriteOut(_parse(_WriteExact, body, what).size)
     if cls is ReaddirOut:
         items = _parse(_DirentsExact, body, what)
+        for d in items:
+            if not d.name or b"\x00" in d.name or b"/" in d.name:
+                raise RemoteProtocolError(
+                    f"malformed {what}: bad directory entry name {bytes(d.name)!r}")
         return ReaddirOut(tuple(DirEntry(d.ino, d.off, d.type, bytes(d.name)) for d in items))
     raise RemoteProtocolError(f"no decoder for {what}")  # pragma: no cover
 

@@ -104,6 +104,7 @@ class Connection:
         self._pending_fs: dict[int, int] = {}  # unique -> opcode
         self._pending_notify: dict[int, wire.Request] = {}
         self._pending_heartbeats: set[int] = set()
+        self._offered_max_frame = wire.ABSOLUTE_MAX_FRAME  # what the HELLO offered
         self._eof = False
 
     # --- bookkeeping visible to the owner --------------------------------
@@ -133,7 +134,7 @@ class Connection:
         if isinstance(message, Ack):
             request = self._pending_notify.get(message.seq)
             if request is None:
-                self._fail(LocalProtocolError(f"ACK for seq {message.seq}, which is not outstanding"))
+                raise LocalProtocolError(f"ACK for seq {message.seq}, which is not outstanding")
             code, flags, payload = codec.encode_ack(message, request)
         else:
             code, flags, payload = codec.encode_payload(message)
@@ -153,8 +154,16 @@ class Connection:
                         raise LocalProtocolError(f"unique {message.unique} is already outstanding")
                     self._pending_fs[message.unique] = message.opcode
             case FsReply():
-                if self._pending_fs.pop(message.unique, None) is None:
+                opcode = self._pending_fs.get(message.unique)
+                if opcode is None:
                     raise LocalProtocolError(f"reply to unique {message.unique}, which is not outstanding")
+                expected = codec.REPLY_BODIES.get(opcode)
+                if message.error == 0 and type(message.body) is not expected:
+                    raise LocalProtocolError(
+                        f"reply to unique {message.unique} (opcode {int(opcode)}) carries "
+                        f"{type(message.body).__name__}, expected "
+                        f"{expected.__name__ if expected else 'an error'}")
+                del self._pending_fs[message.unique]
             case Invalidate() | InvalEntry():
                 if message.seq in self._pending_notify:
                     raise LocalProtocolError(f"invalidation seq {message.seq} is already outstanding")
@@ -166,9 +175,14 @@ class Connection:
                 self._pending_heartbeats.add(message.seq)
             case HeartbeatReply():
                 pass
+            case Hello():
+                self._offered_max_frame = message.max_frame
             case HelloReply():
                 # The host chose the maximum (the smaller of both offers).
                 if message.error == 0:
+                    if not self._negotiable(message.max_frame):
+                        raise LocalProtocolError(
+                            f"HELLO reply: max_frame {message.max_frame} is not negotiable")
                     self.max_frame = message.max_frame
 
     def forget_request(self, unique: int) -> None:
@@ -220,6 +234,10 @@ class Connection:
         except RemoteProtocolError as exc:
             self._fail(exc)
         self._transition(RECV, message, RemoteProtocolError)
+        if isinstance(message, Ack) and self._pending_notify.get(message.seq, request) != request:
+            self._fail(RemoteProtocolError(
+                f"ACK for seq {message.seq} carries request code {request}, but seq {message.seq} "
+                f"was {self._pending_notify[message.seq].name}"))
         self._record_receive(message)
         self._advance(RECV, message)
         return message
@@ -258,12 +276,20 @@ class Connection:
                 if message.seq not in self._pending_heartbeats:
                     self._fail(RemoteProtocolError(f"heartbeat reply {message.seq} answers nothing"))
                 self._pending_heartbeats.discard(message.seq)
+            case Hello():
+                self._offered_max_frame = message.max_frame
             case HelloReply():
                 if message.error == 0:
-                    if not wire.MIN_MAX_FRAME <= message.max_frame <= wire.ABSOLUTE_MAX_FRAME:
+                    if not self._negotiable(message.max_frame):
                         self._fail(RemoteProtocolError(
                             f"HELLO reply: max_frame {message.max_frame} out of range"))
                     self.max_frame = message.max_frame
+
+    def _negotiable(self, max_frame: int) -> bool:
+        """May HELLO settle on `max_frame`?  Within [MIN_MAX_FRAME, ABSOLUTE_MAX_FRAME] and
+        not above the guest's offer (an offer below the minimum gets the minimum)."""
+        ceiling = min(wire.ABSOLUTE_MAX_FRAME, max(wire.MIN_MAX_FRAME, self._offered_max_frame))
+        return wire.MIN_MAX_FRAME <= max_frame <= ceiling
 
     # --- the table -------------------------------------------------------------
 

@@ -64,7 +64,7 @@ HelloReplyPayload = Struct(
     "guest_id" / Int32ul,
     "boot_id" / Bytes(16),
     Terminated,
-)  # 48 bytes
+)  # 52 bytes
 
 # Follows the FUSE part of every FS reply: frame size = fuse_out_header.len + 24.
 LeaseTrailer = Struct(
