@@ -565,7 +565,13 @@ class GuestClient:
         if handle.closed:
             return
         handle.closed = True
-        await self._retrying(lambda: self.request(handle.nodeid, Release(handle.fh, handle.flags)))
+        try:
+            await self.request(handle.nodeid, Release(handle.fh, handle.flags))
+        except SessionLost:
+            pass  # the session is gone, and the host released its handles with it
+        except HostError as exc:
+            if exc.errno != errno.EKEYEXPIRED:
+                raise
 
     async def listdir(self, path: str = "") -> list[str]:
         async def call():

@@ -76,9 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
                                        "workload (used by simulate; prints READY, waits for "
                                        "'GO <t0_ns>' on stdin).")
     guest.add_argument("--connect", required=True, metavar="ADDR", help="unix:PATH or tcp:HOST:PORT")
-    guest.add_argument("--actor", required=True, help="which actor of the workload (g0, g1, ...)")
-    guest.add_argument("--log", required=True, help="operation log to write (JSON lines)")
-    guest.add_argument("--stats", required=True, help="counters to write (JSON)")
+    guest.add_argument("--actor", help="which actor of the workload (g0, g1, ...); required "
+                                        "unless --mount")
+    guest.add_argument("--log", help="operation log to write (JSON lines); required unless --mount")
+    guest.add_argument("--stats", help="counters to write (JSON); required unless --mount, "
+                                       "where it is optional and kept up to date")
+    guest.add_argument("--mount", metavar="MNT",
+                       help="instead of running an actor, mount the export at MNT through "
+                            "/dev/fuse (root only) and serve it until SIGINT/SIGTERM or until "
+                            "the host goes away; prints 'READY MNT ...' (docs/mount.md)")
     guest.add_argument("--cache-bytes", type=int, default=64 << 20,
                        help="page cache size (default: %(default)s)")
     _workload_arguments(guest)
@@ -134,9 +140,6 @@ def build_parser() -> argparse.ArgumentParser:
                        help="mean time between faults (default: %(default)s)")
     chaos.add_argument("--lease-term", type=int, default=1000, metavar="MS")
     chaos.add_argument("--ack-timeout", type=int, default=300, metavar="MS")
-    chaos.add_argument("--restart-allowance", type=int, default=3000, metavar="MS",
-                       help="extra stall allowed for a write in flight while the host restarts "
-                            "(the new daemon's start-up) (default: %(default)s)")
     chaos.add_argument("--workdir", default=None)
     chaos.add_argument("--keep", action="store_true")
     chaos.set_defaults(func=_chaos)
@@ -160,6 +163,7 @@ def _chaos(args) -> int:
     from workload import chaos
 
     args.workdir = args.workdir or tempfile.mkdtemp(prefix="cleanlease-chaos-")
+    os.makedirs(args.workdir, exist_ok=True)
     return chaos.run(args)
 
 
@@ -167,6 +171,7 @@ def _results(args) -> int:
     from workload import results
 
     args.workdir = args.workdir or tempfile.mkdtemp(prefix="cleanlease-results-")
+    os.makedirs(args.workdir, exist_ok=True)
     return results.main(args)
 
 
@@ -187,9 +192,30 @@ def _make_workload(args):
 
 
 def _guest(args) -> int:
+    if args.mount:
+        return _guest_mount(args)
+    missing = [f"--{name}" for name in ("actor", "log", "stats") if getattr(args, name) is None]
+    if missing:
+        raise SystemExit(f"cleanlease guest: {', '.join(missing)} required (unless --mount MNT)")
     from workload.agent import run_guest
 
     return run_loop(run_guest(args, _make_workload(args)), args.loop)
+
+
+def _guest_mount(args) -> int:
+    """`cleanlease guest --connect ADDR --mount MNT`: a guest that mounts (guest/mount.py)."""
+    import logging
+
+    from guest.fuse_device import unavailable_reason
+    from guest.mount import run_mount
+
+    why = unavailable_reason()
+    if why:
+        raise SystemExit(f"cleanlease guest: cannot mount: {why}")
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="guest %(levelname)s %(message)s")
+    return run_loop(run_mount(args.connect, args.mount, name=args.actor or "mount",
+                              stats_path=args.stats), args.loop)
 
 
 def _writer(args) -> int:
