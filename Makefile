@@ -26,3 +26,8 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
+
+# fio, for the verify run in tests/test_mount.py (Debian's package; needs root).
+.PHONY: fio-deps
+fio-deps:
+	apt-get update && apt-get install -y fio

@@ -20,14 +20,16 @@ from dataclasses import dataclass
 from guest.cache import PAGE_SIZE, GuestCache
 from protocol import wire
 from protocol.connection import NEED_DATA, Connection, Role
+from protocol.fastcodec import maker
 from protocol.errors import ProtocolError
-from protocol.fuse import FATTR_SIZE, Opcode
+from protocol.fuse import FATTR_SIZE
 from protocol.messages import (
     Ack,
     Attr,
     ConnectionClosed,
     Create,
     FsReply,
+    Forget,
     FsRequest,
     Fsync,
     Getattr,
@@ -76,6 +78,11 @@ class FileHandle:
 class ReadResult:
     data: bytes
     hit: bool
+
+
+# A hit is returned as a ReadResult built without running the dataclass's generated
+# __init__ (the same instance, for half the cost); see protocol/fastcodec.py.
+_read_result = maker(ReadResult, {"data": "data", "hit": "hit"}, ("data", "hit"))
 
 
 @dataclass(frozen=True)
@@ -166,7 +173,9 @@ class GuestClient:
         self._closing = False
         self._gone: Exception | None = None
         self._files: set[FileHandle] = set()
-        self.on_invalidate = None  # optional callback(message), run before the ACK is sent
+        # Optional callback(message), run before the ACK; if it returns an
+        # awaitable, the ACK waits for it.
+        self.on_invalidate = None
         self.acks_sent = 0
 
     # --- connecting ------------------------------------------------------------
@@ -324,7 +333,8 @@ class GuestClient:
     async def _retrying(self, call):
         """Run `call()`; after a lost session, wait for the new one and run it again."""
         for attempt in range(_RETRY_ATTEMPTS):
-            await self._wait_connected()
+            if not self._connected.is_set() or self._gone is not None:
+                await self._wait_connected()  # (connected and not gone: nothing to wait for)
             session = self.session
             try:
                 return await call()
@@ -365,17 +375,11 @@ class GuestClient:
             case Invalidate():
                 self.cache.stats.invalidations += 1
                 self.cache.invalidate_inode(event.ino, event.generation)
-                if self.on_invalidate:
-                    self.on_invalidate(event)
-                session.send(Ack(event.seq))
-                self.acks_sent += 1
+                self._ack_after_callback(session, event)
             case InvalEntry():
                 self.cache.stats.inval_entries += 1
                 self.cache.invalidate_entry(event.parent, event.name)
-                if self.on_invalidate:
-                    self.on_invalidate(event)
-                session.send(Ack(event.seq))
-                self.acks_sent += 1
+                self._ack_after_callback(session, event)
             case HeartbeatReply():
                 future, sent_at = session.pending.pop(-event.seq, (None, 0.0))
                 if future is not None:
@@ -385,6 +389,23 @@ class GuestClient:
             case HelloReply():
                 if not session.hello_future.done():
                     session.hello_future.set_result(event)
+
+    def _ack_after_callback(self, session: _Session, event) -> None:
+        """ACK once our copy is gone: at once, or when the awaitable that
+        `on_invalidate` returned completes (a mount waits for the kernel)."""
+        pending = self.on_invalidate(event) if self.on_invalidate else None
+        if pending is None:
+            self._ack(session, event.seq)
+        else:
+            asyncio.ensure_future(pending).add_done_callback(
+                lambda _: self._ack(session, event.seq))
+
+    def _ack(self, session: _Session, seq: int) -> None:
+        try:
+            session.send(Ack(seq))
+            self.acks_sent += 1
+        except SessionLost:
+            pass  # that session is gone: its host no longer waits for this ACK
 
     # --- one request ---------------------------------------------------------------
 
@@ -401,15 +422,26 @@ class GuestClient:
             raise SessionLost("not connected to the host")
         unique = self._next_unique
         self._next_unique += 1
-        future = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
         session.pending[unique] = (future, time.monotonic())
+        timeout = self.request_timeout
+        timer = None
         try:
             session.send(FsRequest(unique, nodeid, op))
-            reply: FsReply = await asyncio.wait_for(future, self.request_timeout)
+            if timeout is None or timeout <= 0:
+                reply: FsReply = await asyncio.wait_for(future, timeout)
+            else:
+                # What wait_for does, with one timer and no second future per request.
+                timer = loop.call_later(timeout, _time_out, future)
+                reply = await future
         except asyncio.TimeoutError:
             session.pending.pop(unique, None)
             session.conn.forget_request(unique)
             raise TimeoutError(f"{op.opcode.name} got no reply within {self.request_timeout}s") from None
+        finally:
+            if timer is not None:
+                timer.cancel()
         if reply.error:
             if -reply.error == errno.EKEYEXPIRED:
                 # Fenced: every lease we had is void.  Say HELLO again.
@@ -418,6 +450,15 @@ class GuestClient:
                     session.transport.close()
             raise HostError(-reply.error, f"{op.opcode.name}: {os.strerror(-reply.error)}")
         return reply
+
+    def forget(self, nodeid: int, nlookup: int) -> None:
+        """Tell the host we dropped `nlookup` references to `nodeid` (FORGET has no reply)."""
+        session = self.session
+        if session is None or session.lost:
+            return  # the host dropped every node id of that session anyway
+        unique = self._next_unique
+        self._next_unique += 1
+        session.send(FsRequest(unique, nodeid, Forget(nlookup)))
 
     # --- names ----------------------------------------------------------------------
 
@@ -519,13 +560,14 @@ class GuestClient:
     async def read(self, handle: FileHandle, offset: int, size: int) -> ReadResult:
         """Read [offset, offset+size): from the cache when the policy allows, else from the host."""
         cache = self.cache
-        cache.stats.reads += 1
-        if self.connected and cache.may_serve_data(handle.nodeid):
+        stats = cache.stats
+        stats.reads += 1
+        if self._connected.is_set() and cache.may_serve_data(handle.nodeid):
             data = cache.read_pages(handle.nodeid, offset, size)
             if data is not None:
-                cache.stats.hits += 1
-                return ReadResult(data, True)
-        cache.stats.misses += 1
+                stats.hits += 1
+                return _read_result(data, True)
+        stats.misses += 1
         first = offset - offset % PAGE_SIZE
         end = offset + size
         aligned = ((end + PAGE_SIZE - 1) // PAGE_SIZE) * PAGE_SIZE - first
@@ -607,6 +649,12 @@ class GuestClient:
         self.cache.invalidate_entry(old_parent, old_name)
         self.cache.invalidate_entry(new_parent, new_name)
         await self.request(old_parent, Rename(new_parent, old_name, new_name))
+
+
+def _time_out(future: asyncio.Future) -> None:
+    """The request timer of GuestClient.request ran out: fail the wait as wait_for would."""
+    if not future.done():
+        future.set_exception(asyncio.TimeoutError())
 
 
 def _components(path: str) -> list[bytes]:

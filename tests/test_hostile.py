@@ -14,7 +14,6 @@ import pytest
 from guest.client import GuestClient, HostError
 from protocol import codec
 from workload import fuzz
-from protocol.connection import Connection, Role
 from protocol.messages import FsRequest, Getattr, Lookup, Open, Read
 
 GOOD_NAME = "the-good-guests-file-with-a-long-name.dat"

@@ -1,0 +1,262 @@
+"""/dev/fuse and mount(2), with ctypes and os: the kernel end of a mounting guest.
+
+Everything here is bytes and syscalls; `guest/mount.py` decides what to say.
+The structures are the ones in `protocol/fuse.py` (defined once there); the
+few this module needs that are not there yet are defined below, once, and
+marked so (they belong in protocol/fuse.py).
+
+Facts this relies on (Linux 6.18, protocol 7.45, measured as root):
+  * open("/dev/fuse", O_RDWR) and mount(2) of type "fuse" with
+    "fd=N,rootmode=40000,user_id=U,group_id=G" mount a file system served
+    through that fd.
+  * Each read(2) of the fd returns exactly one request (fuse_in_header +
+    body); the buffer must hold max_write + one page.  With O_NONBLOCK an
+    empty queue gives EAGAIN; ENOENT means the request was withdrawn
+    (interrupted) before we read it; ENODEV means the connection is gone
+    (unmounted or aborted).
+  * Each write(2) is one reply (fuse_out_header with the request's unique,
+    then the body) or one notification (unique 0, error = notify code).  A
+    reply to a request the kernel no longer waits for gives ENOENT.
+  * A notification can sleep in the kernel: FUSE_NOTIFY_INVAL_INODE locks
+    every cached page of the range, and a page under a READ stays locked
+    until that READ is answered; FUSE_NOTIFY_INVAL_ENTRY takes the
+    directory's i_rwsem.  So notifications are written from threads that
+    never answer requests (see docs/mount.md).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+
+from construct import Int32ul, Int64ul, Padding, Struct
+
+from protocol import fuse
+
+DEV_FUSE = "/dev/fuse"
+
+# fuse_init_in/out flags (include/uapi/linux/fuse.h)
+FUSE_ASYNC_READ = 1 << 0
+FUSE_BIG_WRITES = 1 << 5
+FUSE_AUTO_INVAL_DATA = 1 << 12
+FUSE_PARALLEL_DIROPS = 1 << 18
+FUSE_MAX_PAGES = 1 << 22
+
+# FUSE_GETATTR_FH in fuse_getattr_in.getattr_flags
+FUSE_GETATTR_FH = 1 << 0
+
+# Every request read needs room for the largest WRITE we allow plus headers;
+# the kernel refuses reads into buffers smaller than FUSE_MIN_READ_BUFFER.
+FUSE_MIN_READ_BUFFER = 8192
+
+# mount(2) / umount2(2)
+MS_NOSUID = 2
+MS_NODEV = 4
+MNT_DETACH = 2
+
+# --- structures not (yet) in protocol/fuse.py; they belong there -------------
+
+# fuse_batch_forget_in, followed by `count` fuse_forget_one
+BatchForgetIn = Struct("count" / Int32ul, Padding(4))
+ForgetOne = Struct("nodeid" / Int64ul, "nlookup" / Int64ul)
+# fuse_statfs_out = struct fuse_kstatfs (80 bytes)
+StatfsOut = Struct(
+    "blocks" / Int64ul,
+    "bfree" / Int64ul,
+    "bavail" / Int64ul,
+    "files" / Int64ul,
+    "ffree" / Int64ul,
+    "bsize" / Int32ul,
+    "namelen" / Int32ul,
+    "frsize" / Int32ul,
+    Padding(4),
+    Padding(24),
+)
+
+
+class FuseUnavailable(RuntimeError):
+    """This machine cannot mount a FUSE file system from here; the message says why."""
+
+
+def unavailable_reason() -> str | None:
+    """Why a FUSE mount cannot work here, or None if it can (for test skips)."""
+    if not os.path.exists(DEV_FUSE):
+        return f"{DEV_FUSE} does not exist (no FUSE in this kernel or container)"
+    try:
+        with open("/proc/filesystems") as f:
+            if not any(line.split()[-1:] == ["fuse"] for line in f):
+                return "the kernel has no 'fuse' file system type (modprobe fuse)"
+    except OSError:
+        pass
+    if os.geteuid() != 0:
+        return "mounting through raw /dev/fuse needs root (CAP_SYS_ADMIN); no fusermount here"
+    try:
+        os.close(os.open(DEV_FUSE, os.O_RDWR | os.O_CLOEXEC))
+    except OSError as exc:
+        return f"cannot open {DEV_FUSE}: {exc.strerror}"
+    return None
+
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
+                        ctypes.c_char_p]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+
+
+def umount(mountpoint: str, lazy: bool = True) -> None:
+    """umount2(mountpoint, MNT_DETACH); raises OSError (EINVAL if not mounted)."""
+    if _libc.umount2(os.fsencode(mountpoint), MNT_DETACH if lazy else 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"umount2({mountpoint}): {os.strerror(err)}")
+
+
+def is_mountpoint_of_fuse(mountpoint: str) -> bool:
+    """True if a fuse file system is mounted exactly at `mountpoint`."""
+    target = os.path.realpath(mountpoint)
+    try:
+        with open("/proc/self/mounts") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) > 2 and parts[1] == target and parts[2].startswith("fuse"):
+                    return True
+    except OSError:
+        pass
+    return False
+
+
+class FuseDevice:
+    """One open /dev/fuse connection and the mount it serves."""
+
+    def __init__(self, max_write: int):
+        self.max_write = max_write
+        self.buffer_size = max(FUSE_MIN_READ_BUFFER, max_write + 4096)
+        self.fd = os.open(DEV_FUSE, os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
+        self.mountpoint: str | None = None
+        self.closed = False
+
+    def mount(self, mountpoint: str, *, source: str = "cleanlease", extra: str = "") -> None:
+        """mount(2) type "fuse" on `mountpoint`, served by this fd."""
+        mountpoint = os.path.realpath(mountpoint)
+        st = os.stat(mountpoint)
+        rootmode = f"{st.st_mode & 0o170000:o}"  # directory type bits only: 40000
+        options = (f"fd={self.fd},rootmode={rootmode},user_id={os.geteuid()},"
+                   f"group_id={os.getegid()},default_permissions,allow_other")
+        if extra:
+            options += "," + extra
+        rc = _libc.mount(source.encode(), os.fsencode(mountpoint), b"fuse",
+                         MS_NOSUID | MS_NODEV, options.encode())
+        if rc != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"mount({mountpoint}, fuse, {options}): {os.strerror(err)}")
+        self.mountpoint = mountpoint
+
+    def connection_id(self) -> int | None:
+        """The connection's number in fusectl (the mount's device minor), from
+        /proc/self/mountinfo: stat(2) on the mount would wait for our own INIT."""
+        if self.mountpoint is None:
+            return None
+        try:
+            with open("/proc/self/mountinfo") as f:
+                for line in f:
+                    parts = line.split()
+                    if len(parts) > 4 and parts[4] == self.mountpoint:
+                        return int(parts[2].split(":")[1])
+        except (OSError, ValueError, IndexError):
+            pass
+        return None
+
+    def abort(self, connection: int | None) -> bool:
+        """Abort the connection through fusectl, if it is mounted: every request
+        waiting in the kernel ends with an error and every page lock goes.  The
+        last resort when a request or notification cannot finish otherwise."""
+        if connection is None:
+            return False
+        try:
+            with open(f"/sys/fs/fuse/connections/{connection}/abort", "w") as f:
+                f.write("1")
+            return True
+        except OSError:
+            return False
+
+    def umount(self) -> bool:
+        """Detach the mount (lazily: busy files keep the connection until closed)."""
+        if self.mountpoint is None:
+            return False
+        try:
+            umount(self.mountpoint)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:  # EINVAL: not mounted any more
+                raise
+        self.mountpoint = None
+        return True
+
+    def read_request(self) -> bytes | None:
+        """The next request, or None if none is queued (EAGAIN/ENOENT).
+
+        Raises OSError(ENODEV) once the connection is gone."""
+        while True:
+            try:
+                return os.read(self.fd, self.buffer_size)
+            except InterruptedError:
+                continue
+            except BlockingIOError:
+                return None
+            except OSError as exc:
+                if exc.errno == errno.ENOENT:  # withdrawn before we read it
+                    continue
+                raise
+
+    def write(self, data: bytes) -> int:
+        """Write one reply or notification; returns 0 or a positive errno.
+
+        ENOENT (the request was interrupted, or a notification names an
+        inode/entry the kernel does not hold) is an answer, not a failure.
+        """
+        if self.closed:
+            return errno.EBADF
+        try:
+            os.write(self.fd, data)
+            return 0
+        except OSError as exc:
+            return exc.errno or errno.EIO
+
+    def reply(self, unique: int, error: int = 0, body: bytes = b"") -> int:
+        header = fuse.FuseOutHeader.build(
+            {"len": fuse.FUSE_OUT_HEADER_SIZE + len(body), "error": error, "unique": unique})
+        return self.write(header + body)
+
+    # --- notifications (call from a notifier thread, never the request loop) ---
+
+    def notify_inval_inode(self, ino: int, off: int = 0, length: int = 0) -> int:
+        """FUSE_NOTIFY_INVAL_INODE: attributes, and pages of [off, off+len) (len <= 0: to
+        EOF; off < 0: attributes only).  Blocks while a page of the range is locked."""
+        body = fuse.NotifyInvalInodeOut.build({"ino": ino, "off": off, "len": length})
+        return self.write(_notify_header(fuse.NotifyCode.INVAL_INODE, len(body)) + body)
+
+    def notify_inval_entry(self, parent: int, name: bytes, flags: int = 0) -> int:
+        """FUSE_NOTIFY_INVAL_ENTRY: drop the dentry `name` in `parent` (takes the
+        directory's i_rwsem)."""
+        body = fuse.NotifyInvalEntryOut.build(
+            {"parent": parent, "namelen": len(name), "flags": flags}) + name + b"\x00"
+        return self.write(_notify_header(fuse.NotifyCode.INVAL_ENTRY, len(body)) + body)
+
+    def close(self) -> None:
+        """Close the fd: the kernel aborts the connection if nothing else holds it."""
+        if not self.closed:
+            self.closed = True
+            os.close(self.fd)
+
+
+def _notify_header(code: fuse.NotifyCode, body_len: int) -> bytes:
+    return fuse.FuseOutHeader.build(
+        {"len": fuse.FUSE_OUT_HEADER_SIZE + body_len, "error": int(code), "unique": 0})
+
+
+def parse_request(buf: bytes):
+    """Split one request into (fuse_in_header container, body memoryview)."""
+    header = fuse.FuseInHeader.parse(buf[: fuse.FUSE_IN_HEADER_SIZE])
+    if header.len != len(buf):
+        raise ValueError(f"fuse_in_header.len {header.len} but read {len(buf)} bytes")
+    return header, memoryview(buf)[fuse.FUSE_IN_HEADER_SIZE:]
