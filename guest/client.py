@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from guest.cache import PAGE_SIZE, GuestCache
 from protocol import wire
 from protocol.connection import NEED_DATA, Connection, Role
-from protocol.fastcodec import maker
 from protocol.errors import ProtocolError
 from protocol.fuse import FATTR_SIZE
 from protocol.messages import (
@@ -78,11 +77,6 @@ class FileHandle:
 class ReadResult:
     data: bytes
     hit: bool
-
-
-# A hit is returned as a ReadResult built without running the dataclass's generated
-# __init__ (the same instance, for half the cost); see protocol/fastcodec.py.
-_read_result = maker(ReadResult, {"data": "data", "hit": "hit"}, ("data", "hit"))
 
 
 @dataclass(frozen=True)
@@ -566,7 +560,7 @@ class GuestClient:
             data = cache.read_pages(handle.nodeid, offset, size)
             if data is not None:
                 stats.hits += 1
-                return _read_result(data, True)
+                return ReadResult(data, True)
         stats.misses += 1
         first = offset - offset % PAGE_SIZE
         end = offset + size
