@@ -94,7 +94,8 @@ class InodeLeases:
     flushed: int = 0
     # Set by rearm_begin; a modification landing before rearm_finish voids it.
     rearm_at: int | None = None
-    # Whether the kernel detector is armed for this inode (clean-lease only).
+    # Whether the detector is armed for this inode (a fanotify ignore mark
+    # removed, a kernel read lease held); without it no lease is granted.
     armed: bool = True
     # Where a recall leads: DIRTY for clean-lease, back to CLEAN for open-lease.
     after_recall: InodeState = InodeState.DIRTY
@@ -121,8 +122,17 @@ class LeaseTable:
     def inode(self, ino: int, *, is_dir: bool = False) -> InodeLeases:
         leases = self._inodes.get(ino)
         if leases is None:
-            leases = InodeLeases(is_dir=is_dir, armed=not self.needs_arming)
+            # A directory has no pre-modification event to arm: its names are
+            # recalled one by one (begin_namespace_change), so it counts as armed.
+            leases = InodeLeases(is_dir=is_dir, armed=is_dir or not self.needs_arming)
             self._inodes[ino] = leases
+        elif is_dir and not leases.is_dir:
+            # First met by a call that did not know it is a directory: a
+            # directory has no pages, so it is never DIRTY.
+            leases.is_dir = leases.armed = True
+            leases.after_recall = InodeState.CLEAN
+            if leases.state is InodeState.DIRTY:
+                leases.state = InodeState.CLEAN
         return leases
 
     def peek(self, ino: int) -> InodeLeases | None:
@@ -154,7 +164,7 @@ class LeaseTable:
         leases = self.inode(ino, is_dir=is_dir)
         if leases.state is not InodeState.CLEAN:
             return None
-        if self.policy is Policy.CLEAN_LEASE and not leases.armed:
+        if not leases.armed:
             return None
         if self.policy is Policy.OPEN_LEASE and any(leases.writers.values()):
             return None
@@ -163,7 +173,8 @@ class LeaseTable:
 
     # --- modifications -------------------------------------------------------------
 
-    def begin_modification(self, ino: int, writer: int) -> Recall | _Wait | None:
+    def begin_modification(self, ino: int, writer: int, *,
+                           is_dir: bool = False) -> Recall | _Wait | None:
         """`writer` is about to modify the data or attributes of regular inode `ino`.
 
         Returns a Recall the daemon must carry out first (then call
@@ -173,7 +184,7 @@ class LeaseTable:
         """
         if not self.leasing:
             return None
-        leases = self.inode(ino)
+        leases = self.inode(ino, is_dir=is_dir)
         if leases.state is InodeState.RECALLING:
             return WAIT
         if self.policy is Policy.OPEN_LEASE:
@@ -209,7 +220,8 @@ class LeaseTable:
         leases = self.inode(ino)
         leases.landed += 1
         leases.rearm_at = None
-        if self.policy is Policy.CLEAN_LEASE and leases.state is InodeState.CLEAN:
+        if (self.policy is Policy.CLEAN_LEASE and leases.state is InodeState.CLEAN
+                and not leases.is_dir):
             # Only reachable when a modification was reported after the fact
             # (inotify): the recall it should have caused is the caller's job.
             leases.state = InodeState.DIRTY
@@ -295,6 +307,16 @@ class LeaseTable:
             leases.state = InodeState.CLEAN
             leases.armed = True
         return ok
+
+    def wants_arming(self, ino: int) -> bool:
+        """True when `ino` would be leased but for its detector not being armed:
+        the daemon should arm it (then check it is clean) so later reads are granted."""
+        leases = self._inodes.get(ino)
+        if not self.leasing or leases is None or leases.armed:
+            return False
+        if leases.state is not InodeState.CLEAN:
+            return False
+        return not (self.policy is Policy.OPEN_LEASE and any(leases.writers.values()))
 
     def set_armed(self, ino: int, armed: bool) -> None:
         """The daemon armed or disarmed its kernel detector for `ino`."""

@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 
+from host import kernel_lease
 from host.detectors import make_detector
 from host.server import HostConfig, HostDaemon
 from protocol import wire
@@ -36,10 +37,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="attribute/entry timeout of the ttl policy (default: %(default)s)")
     parser.add_argument("--max-frame", type=int, default=wire.DEFAULT_MAX_FRAME, metavar="BYTES",
                         help="largest frame payload accepted (default: %(default)s)")
-    parser.add_argument("--detector", default="auto", choices=("auto", "none", "inotify", "fanotify"),
+    parser.add_argument("--detector", default="auto",
+                        choices=("auto", "none", "inotify", "fanotify", "kernel-lease"),
                         help="how host-local writes are seen: fanotify pre-content events "
-                             "(before they land), inotify (after), none; auto picks the best "
-                             "this machine supports (default: %(default)s)")
+                             "(before they land; under open-lease this means kernel read "
+                             "leases, broken by any open for write), kernel-lease, inotify "
+                             "(after), none; auto picks the best this machine supports for the "
+                             "policy and says why on stderr (default: %(default)s)")
     parser.add_argument("--stats", metavar="PATH", help="write counters as JSON here on exit")
 
 
@@ -63,20 +67,26 @@ async def serve(args: argparse.Namespace) -> int:
     config = config_from(args)
     os.umask(0)  # modes asked for by guests are applied as given, as virtiofsd does
     try:
-        detector, why = make_detector(args.detector, config.export)
+        detector, why = make_detector(args.detector, config.export, config.policy)
     except ValueError as exc:
         raise SystemExit(f"cleanlease host: {exc}")
     print(f"cleanlease host: {why}", file=sys.stderr, flush=True)
+    # The export's root fd is opened here, before the detector's bind mount
+    # (fanotify): the daemon's own I/O never goes through the marked mount.
     daemon = HostDaemon(config, detector)
-    address = await daemon.start(args.listen)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    print(f"READY {address} policy={config.policy.label} detector={daemon.detector.kind.label}",
-          flush=True)
-    await stop.wait()
-    await daemon.close()
+    try:
+        address = await daemon.start(args.listen)
+        print(f"READY {address} policy={config.policy.label} detector={daemon.detector.label}",
+              flush=True)
+        await stop.wait()
+    finally:
+        # Answers every pending permission event, releases kernel leases and
+        # unmounts the bind, also when start() or the loop fails.
+        await daemon.close()
     if args.stats:
         daemon.write_stats(args.stats)
     if args.listen.startswith("unix:"):
@@ -88,6 +98,10 @@ async def serve(args: argparse.Namespace) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
+    # Kernel lease breaks arrive as a real-time signal that must be blocked in
+    # every thread, and threads inherit the mask: block it before any thread
+    # exists (asyncio.to_thread and the event loop's executor start threads).
+    kernel_lease.block_lease_signals()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="host %(levelname)s %(message)s")
     return args.run_loop(serve(args))

@@ -320,9 +320,34 @@ class HostDaemon:
         be sent in the same step (no await in between)."""
         grant = self.leases.grant(nodeid, session.guest_id, is_dir=is_dir)
         if grant is None:
+            if self.leases.wants_arming(nodeid):
+                self._arm(nodeid)
             return NO_LEASE
         self.detector.watch(nodeid, is_dir)
         return LeaseGrant(nodeid, grant.generation, self.config.lease_term_ms, LEASE_GRANTED)
+
+    def _arm(self, nodeid: int) -> None:
+        """A clean inode its detector does not watch yet was read: arm it, then, if
+        it may have been written unseen, check it is clean (invariant 4).  This
+        reply grants nothing, since its data was read before the arming; the
+        next read is granted."""
+        unseen = self.detector.may_have_missed_writes(nodeid)
+        if not self.detector.arm(nodeid):
+            return
+        if (self.leases.policy is Policy.CLEAN_LEASE and unseen
+                and not self._page_cache_clean(nodeid)):
+            self.detector.disarm(nodeid)
+            self.modified(nodeid)  # dirty when first seen: flush, then re-arm as after a write
+            return
+        self.leases.set_armed(nodeid, True)
+
+    def _page_cache_clean(self, nodeid: int) -> bool:
+        try:
+            if not stat_module.S_ISREG(os.stat(self.fs.inodes.host_fd(nodeid)).st_mode):
+                return True  # no pages: a symlink's target changes only by a namespace change
+            return cachestat.is_clean(self.fs.writable_fd(nodeid))
+        except OSError:
+            return False
 
     def revoked(self, nodeid: int, first_dirty: bool = False) -> LeaseGrant:
         """The trailer of a reply to a modification: no lease, and the inode's
@@ -350,7 +375,7 @@ class HostDaemon:
 
     # --- modifications: the first dirtying write path ----------------------------
 
-    async def modify(self, nodeid: int, writer: int) -> bool:
+    async def modify(self, nodeid: int, writer: int, *, is_dir: bool = False) -> bool:
         """Return once `writer` may modify `nodeid`: every other guest's copy is gone.
 
         Returns True if this modification is the first dirtying one (it
@@ -358,7 +383,7 @@ class HostDaemon:
         modification and `modified(nodeid)`.
         """
         while True:
-            decision = self.leases.begin_modification(nodeid, writer)
+            decision = self.leases.begin_modification(nodeid, writer, is_dir=is_dir)
             if decision is WAIT:
                 await asyncio.shield(self._recall_done[nodeid])
                 continue
@@ -368,6 +393,8 @@ class HostDaemon:
                 self.leases.recall_finished(nodeid)
                 self.detector.disarm(nodeid)
                 return True
+            if self.leases.policy is Policy.OPEN_LEASE:
+                self.detector.disarm(nodeid)  # see open_for_write
             return False
 
     def modified(self, nodeid: int) -> None:
@@ -386,7 +413,25 @@ class HostDaemon:
                 await self._carry_out_recall(decision, lambda seq: Invalidate(
                     seq, decision.ino, 0, 0, decision.generation))
                 self.leases.recall_finished(nodeid)
+            if self.leases.policy is Policy.OPEN_LEASE:
+                # Drop the daemon's kernel read lease before it opens the file for
+                # write itself: breaking its own lease would block it for
+                # lease-break-time (docs/kernel.md).
+                self.detector.disarm(nodeid)
             return
+
+    def before_create(self, parent: int, name: bytes) -> None:
+        """CREATE may open an existing file for write: under open-lease, drop the
+        kernel lease of whatever inode has that name now (see open_for_write)."""
+        if self.leases.policy is not Policy.OPEN_LEASE:
+            return
+        try:
+            st = os.stat(name, dir_fd=self.fs.inodes.host_fd(parent), follow_symlinks=False)
+        except (OSError, ValueError):
+            return
+        nodeid = self.fs.inodes.lookup_key(st.st_dev, st.st_ino)
+        if nodeid is not None:
+            self.detector.disarm(nodeid)
 
     async def namespace_change(self, directory: int, name: bytes, writer: int) -> None:
         """Return once no other guest may serve `name` in `directory` from its cache."""
@@ -520,9 +565,9 @@ class HostDaemon:
         (invariant 4): a write racing us is seen by the detector or by cachestat."""
         if not self.leases.rearm_begin(nodeid):
             return False
-        self.detector.arm(nodeid)
+        armed = self.detector.arm(nodeid) is not False  # None: a detector that cannot fail
         try:
-            clean = cachestat.is_clean(self.fs.writable_fd(nodeid))
+            clean = armed and cachestat.is_clean(self.fs.writable_fd(nodeid))
         except OSError:
             clean = False
         if self.leases.rearm_finish(nodeid, clean):
@@ -538,8 +583,9 @@ class HostDaemon:
     def stats_dict(self) -> dict:
         d = self.stats.as_dict()
         d["policy"] = self.config.policy.label
-        d["detector"] = self.detector.kind.label
+        d["detector"] = self.detector.label
         d["detector_events"] = self.detector.events
+        d["detector_stats"] = self.detector.stats()
         return d
 
     def write_stats(self, path: str) -> None:
@@ -571,8 +617,8 @@ async def _getattr(d: HostDaemon, s: Session, r: FsRequest) -> FsReply:
 
 async def _setattr(d: HostDaemon, s: Session, r: FsRequest) -> FsReply:
     op = r.op
-    d.fs.getattr(s.guest_id, r.nodeid)  # refuse unknown nodeids before recalling anything
-    await d.modify(r.nodeid, s.guest_id)
+    before = d.fs.getattr(s.guest_id, r.nodeid)  # refuse unknown nodeids before recalling
+    await d.modify(r.nodeid, s.guest_id, is_dir=_is_dir(before))
     st = d.fs.setattr(
         s.guest_id, r.nodeid,
         size=op.size if op.valid & FATTR_SIZE else None,
@@ -618,6 +664,7 @@ async def _create(d: HostDaemon, s: Session, r: FsRequest) -> FsReply:
     op = r.op
     d.fs.getattr(s.guest_id, r.nodeid)
     await d.namespace_change(r.nodeid, op.name, s.guest_id)
+    d.before_create(r.nodeid, op.name)
     # O_TRUNC on an existing file is a modification: it must wait for the recall.
     flags = op.flags & ~os.O_TRUNC
     nodeid, st, fh = d.fs.create(s.guest_id, r.nodeid, op.name, flags, op.mode & ~op.umask)

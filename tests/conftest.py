@@ -27,8 +27,10 @@ class Child:
 
     def __init__(self, argv, name):
         self.name = name
+        # Unbuffered: select() on stdout must see every line not read yet (a
+        # buffered readline() can swallow lines that arrived together).
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, cwd=ROOT)
+                                     stderr=subprocess.PIPE, cwd=ROOT, bufsize=0)
         self.events: list[dict] = []
 
     def line(self, timeout=20.0) -> str:
@@ -89,6 +91,25 @@ def start_host(tmp_path):
     yield start
     for host in started:
         host.stop()
+    unmount_binds_under(tmp_path)
+
+
+def unmount_binds_under(root) -> None:
+    """Detach every mount below `root`: a host stopped with SIGKILL leaves the
+    private bind of its export (fanotify detector) behind."""
+    from host import bindmount
+
+    root = os.path.realpath(root)
+    for _ in range(16):  # binds stacked by restarted hosts come off one per pass
+        left = [m.mount_point for m in bindmount.mountinfo()
+                if m.mount_point == root or m.mount_point.startswith(root + os.sep)]
+        if not left:
+            return
+        for mount_point in reversed(left):
+            try:
+                bindmount.unmount(mount_point)
+            except OSError:
+                pass
 
 
 @pytest.fixture

@@ -27,7 +27,9 @@ async def main(address: str, name: str) -> None:
     client = await GuestClient.connect(address, name=name, request_timeout=20)
 
     def on_invalidate(event):
+        name = getattr(event, "name", None)
         emit({"event": type(event).__name__.lower(), "ino": getattr(event, "ino", None),
+              "name": os.fsdecode(name) if name is not None else None,
               "t_ack_ns": time.monotonic_ns()})
 
     client.on_invalidate = on_invalidate

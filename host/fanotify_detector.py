@@ -1,0 +1,437 @@
+"""Host-local writes held before they land: fanotify pre-content events (clean-lease).
+
+Setup (`start`), in this order:
+
+1. `ExportFS` already holds the export's root O_PATH fd (the daemon built it
+   before starting the detector).  Every file the daemon touches is reached
+   relative to that fd, i.e. through the mount *underneath* the bind below,
+   which carries no mark: the daemon's own reads, writes, fdatasyncs never
+   wait for the daemon.
+2. The export is bind-mounted over itself, private (host/bindmount.py).
+   Every path-based open of `export/...` made from now on resolves into the
+   bind, which is on top.
+3. One fanotify group (FAN_CLASS_PRE_CONTENT, FAN_REPORT_TID) marks that
+   mount, and only that mount, with FAN_PRE_ACCESS (host/fanotify.py refuses
+   anything that is not a private bind of a sub-directory).
+
+Arming: the mount mark makes every inode "armed"; an ignore mark on an inode
+disarms it.  The daemon arms an inode before it grants a lease on it and
+disarms it once it is dirty (`HostDaemon.modify` calls `disarm` after the
+recall, `try_rearm` calls `arm` before its cachestat check).
+
+Each event (the accessing thread is blocked until we answer):
+
+* a read (read/pread/readv/mmap of a private or read-only mapping: from
+  `/proc/<tid>/syscall`) is allowed at once;
+* a modification of an inode no guest knows (fstat of the event fd ->
+  `InodeStore.lookup_key`) is allowed at once, and the inode gets an ignore
+  mark so it costs nothing more until a guest leases it (arming removes it);
+* a modification of a DIRTY inode is allowed at once (nothing is leased);
+* any other modification (or an access that cannot be classified) runs
+  `HostDaemon.host_local_modify` in its own task: INVALIDATE to every
+  holder, wait for the ACKs (or fence a silent holder once its term has
+  run out), and only then FAN_ALLOW.  A slow recall holds only its own
+  writer: reads and other files are answered meanwhile.
+
+Every event is answered on every path: an exception in the handling allows
+it (and is logged); `stop()` allows everything pending before it closes the
+group; and if the daemon dies, the kernel allows what was pending when the
+group fd goes away.
+
+What cannot be seen before it lands (docs/kernel.md, section 5): writes
+through an fd opened before the mark, or through another mount of the same
+directory; `open(O_TRUNC)`; stores through a shared mapping after its
+`mmap()`; namespace changes (create, unlink, rename: there is no pre-content
+event for names).  inotify watches run alongside, on every leased inode,
+and recall after the fact what the mark did not hold back: names in leased
+directories, IN_MODIFY (O_TRUNC, writes through other mounts) and IN_ATTRIB
+(chmod, utime, link count) on leased files.
+
+Clean again: a write the detector let through may still be on its way into
+the page cache when the daemon flushes and checks `cachestat`.  So the
+detector remembers each writer thread it allowed (and each process that
+mapped the file shared) and `arm()` reports the inode not ready while that
+thread is still inside the same system call (or the mapping still exists).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import logging
+import os
+import resource
+from dataclasses import dataclass
+
+from host import bindmount, fanotify
+from host.detectors import Detector
+from host.fanotify import Access, PreContentEvent, PreContentGroup, classify
+from host.inotify_detector import InotifyDetector
+from host.leases import InodeState
+from protocol.messages import Detector as DetectorKind
+
+log = logging.getLogger("cleanlease.fanotify")
+
+MAX_CONCURRENT_RECALLS = 64  # writers held at once while their recalls run; reads never wait
+MAX_COOLED = 16384  # ignore marks put on inodes no guest knows (each pins an inode in memory)
+
+
+@dataclass
+class _InFlight:
+    """A modification the detector let through that may not have landed yet."""
+
+    tid: int
+    tgid: int
+    syscall: str | None  # /proc/<tid>/syscall while it was blocked on the event
+    mapping: bool  # a shared mapping: its stores are never seen, only its existence
+
+    def over(self, key: tuple[int, int]) -> bool:
+        if self.mapping:
+            return not _maps_shared(self.tgid, key)
+        try:
+            with open(f"/proc/{self.tid}/syscall", encoding="ascii") as f:
+                now = f.read().strip()
+        except OSError:
+            return True  # the thread is gone: its system call returned
+        # "running": runnable, possibly still copying our data: not over yet.
+        return now != "running" and now != self.syscall
+
+
+def _maps_shared(tgid: int, key: tuple[int, int]) -> bool:
+    """Does process `tgid` still map inode `key` shared (stores would reach the file)?"""
+    dev, ino = key
+    try:
+        with open(f"/proc/{tgid}/maps", encoding="ascii", errors="replace") as f:
+            for line in f:
+                fields = line.split(None, 5)
+                if len(fields) < 5 or fields[4] != str(ino) or "s" not in fields[1]:
+                    continue
+                major, _, minor = fields[3].partition(":")
+                if (int(major, 16), int(minor, 16)) == (os.major(dev), os.minor(dev)):
+                    return True
+    except (OSError, ValueError):
+        return False
+    return False
+
+
+def _tgid_of(tid: int) -> int:
+    try:
+        with open(f"/proc/{tid}/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Tgid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return tid
+
+
+def _syscall_line(tid: int) -> str | None:
+    try:
+        with open(f"/proc/{tid}/syscall", encoding="ascii") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _open_group_on_a_high_fd() -> PreContentGroup:
+    """A pre-content group whose fd number is above every other fd of the daemon.
+
+    Why: a writer held on our event keeps a reference on every fsnotify group
+    with a mark in its way, our inotify group's watch on the same file
+    included; releasing that inotify group waits for the writer, and the
+    writer waits for our answer, which comes when our group is released.  A
+    daemon killed with SIGKILL releases its fds from the highest number down
+    (the exit path queues each release on a LIFO list), so our group, on the
+    highest number, goes first and lets the writers go; then the inotify
+    group can go.  (Measured: with the group on a lower fd the killed daemon
+    never exits and the writer stays blocked; tests/test_host_local.py.)
+    """
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    group = PreContentGroup.open()
+    try:
+        high = fcntl.fcntl(group.fileno(), fcntl.F_DUPFD_CLOEXEC, max(soft - 8, group.fileno()))
+    except OSError as exc:
+        log.warning("cannot move the fanotify group to a high fd (%s); a SIGKILLed daemon "
+                    "may then hang while a writer waits", exc)
+        return group
+    group.close()
+    return PreContentGroup(high)
+
+
+class FanotifyDetector(Detector):
+    kind = DetectorKind.FANOTIFY
+    needs_arming = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._daemon = None
+        self._group: PreContentGroup | None = None
+        self._mount: str | None = None
+        self._inotify = InotifyDetector()
+        self._unanswered: dict[int, PreContentEvent] = {}  # event fd -> event
+        self._tasks: set[asyncio.Task] = set()
+        self._slots: asyncio.Semaphore | None = None
+        self._in_flight: dict[tuple[int, int], list[_InFlight]] = {}
+        self._disarmed: set[tuple[int, int]] = set()  # inodes carrying our ignore mark
+        self._cooled = 0  # of those, inodes no guest knew
+        self.counters = dict(reads=0, modifications=0, unknown_inode=0, dirty=0, recalls=0,
+                             mmap_writes=0, errors=0, not_quiescent=0)
+
+    # --- can it run here? ---------------------------------------------------------
+
+    @staticmethod
+    def usable(export: str) -> tuple[bool, str]:
+        """(True, "ok") when pre-content events can hold writers of `export`, else (False, why)."""
+        export = os.path.realpath(export)
+        if export in fanotify._SYSTEM_DIRS:
+            return False, f"{export} is a system directory; its mount is never marked"
+        ok, why = fanotify.available(export)
+        if not ok:
+            return False, why
+        ok, why = bindmount.available()
+        if not ok:
+            return False, f"bind mounts: {why}"
+        try:
+            where = bindmount.find_mount(export)
+        except OSError as exc:
+            return False, f"cannot find the mount of {export}: {exc.strerror}"
+        if where.mount_point == export and where.root == "/":
+            return False, (f"{export} is the root of a whole {where.fstype} file system; the mark "
+                           "is put only on a bind mount of a sub-directory")
+        if where.shared:
+            return False, (f"the mount holding {export} ({where.mount_point}) is shared: a bind "
+                           "would propagate to its peers; run the daemon in its own mount "
+                           "namespace (unshare -m --propagation private)")
+        return True, "ok"
+
+    # --- life cycle -----------------------------------------------------------------
+
+    async def start(self, daemon) -> None:
+        self._daemon = daemon
+        export = daemon.fs.root_path  # its root fd was opened before the bind below
+        where = bindmount.find_mount(export)
+        if where.mount_point == export:
+            log.warning("%s is already a mount point (%s, root %s): a bind left by a daemon "
+                        "that was killed? It stays underneath; umount it when no daemon runs",
+                        export, where.fstype, where.root)
+        group = _open_group_on_a_high_fd()
+        try:
+            bindmount.bind_over_itself(export)
+            self._mount = export
+            group.mark_mount(export)
+            await self._inotify.start(daemon)
+        except BaseException:
+            group.close()
+            if self._mount is not None:
+                bindmount.unmount(self._mount)
+                self._mount = None
+            raise
+        self._group = group
+        self._slots = asyncio.Semaphore(MAX_CONCURRENT_RECALLS)
+        asyncio.get_running_loop().add_reader(group.fileno(), self._on_readable)
+        log.info("fanotify: %s bound over itself (private) and marked; the daemon's own I/O "
+                 "goes through the mount underneath", export)
+
+    async def stop(self) -> None:
+        group, self._group = self._group, None
+        if group is not None:
+            asyncio.get_running_loop().remove_reader(group.fileno())
+            # Every writer still held goes ahead before the group is closed.
+            for event in list(self._unanswered.values()):
+                self._answer(event, group)
+            for task in list(self._tasks):
+                task.cancel()
+            if self._tasks:
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+            group.close()  # the kernel allows anything read after this point
+        await self._inotify.stop()
+        if self._mount is not None:
+            try:
+                bindmount.unmount(self._mount)
+            except OSError as exc:
+                log.error("cannot unmount the bind of %s: %s", self._mount, exc)
+            self._mount = None
+
+    # --- the daemon's calls -----------------------------------------------------------
+
+    def watch(self, nodeid: int, is_dir: bool) -> None:
+        self._inotify.watch(nodeid, is_dir)
+
+    def arm(self, nodeid: int) -> bool:
+        if self._group is None:
+            return False
+        try:
+            key = self._daemon.fs.inode_key(nodeid)
+            self._group.arm(self._daemon.fs.inodes.host_fd(nodeid))
+        except OSError as exc:
+            (log.debug if exc.errno == errno.ESTALE else log.warning)(
+                "cannot arm node %d: %s", nodeid, exc)
+            return False
+        self._disarmed.discard(key)
+        # After arming: inotify events of the dirty period (the daemon's own
+        # writes among them) are absorbed now, not taken for new changes.
+        self._inotify.arm(nodeid)
+        if not self._quiescent(key):
+            self.counters["not_quiescent"] += 1
+            return False
+        return True
+
+    def disarm(self, nodeid: int) -> None:
+        if self._group is None:
+            return
+        try:
+            key = self._daemon.fs.inode_key(nodeid)
+            self._group.disarm(self._daemon.fs.inodes.host_fd(nodeid))
+        except OSError as exc:  # ESTALE: no guest knows it any more
+            (log.debug if exc.errno == errno.ESTALE else log.warning)(
+                "cannot disarm node %d: %s", nodeid, exc)
+            return
+        self._disarmed.add(key)
+
+    def may_have_missed_writes(self, nodeid: int) -> bool:
+        """Only an inode that carried an ignore mark can have been written unseen
+        through the marked mount: every other write since the mark was held,
+        and arm() waits until it has landed."""
+        try:
+            return self._daemon.fs.inode_key(nodeid) in self._disarmed
+        except OSError:
+            return True
+
+    def stats(self) -> dict:
+        return {"events": self.events, **self.counters, "inotify_events": self._inotify.events,
+                "disarmed_inodes": len(self._disarmed), "cooled_inodes": self._cooled}
+
+    # --- events --------------------------------------------------------------------------
+
+    def _on_readable(self) -> None:
+        group = self._group
+        if group is None:
+            return
+        try:
+            events = group.read_events()
+        except RuntimeError:
+            log.exception("fanotify: unreadable event buffer; rebuilding the group")
+            self._rebuild()
+            return
+        for event in events:
+            self.events += 1
+            if event.fd < 0:
+                if event.overflow:
+                    log.warning("fanotify queue overflow: recalling every lease")
+                    self._daemon.host_local_overflow()
+                continue
+            self._unanswered[event.fd] = event
+            try:
+                self._dispatch(event)
+            except Exception:
+                self.counters["errors"] += 1
+                log.exception("fanotify: handling an event failed; allowing it")
+                self._answer(event)
+
+    def _dispatch(self, event: PreContentEvent) -> None:
+        st = os.fstat(event.fd)
+        key = (st.st_dev, st.st_ino)
+        nodeid = self._daemon.fs.inodes.lookup_key(*key)
+        access = classify(event.pid, event.fd)
+        if not access.may_modify:
+            self.counters["reads"] += 1
+            if nodeid is None:
+                self._cool(event.fd, key)
+            self._answer(event)
+            return
+        self.counters["modifications"] += 1
+        mapping = access is Access.MMAP_WRITE
+        if mapping:
+            self.counters["mmap_writes"] += 1
+        flight = _InFlight(event.pid, _tgid_of(event.pid) if mapping else event.pid,
+                           _syscall_line(event.pid), mapping)
+        if nodeid is None:
+            # Nobody can hold a lease on an inode no guest knows.  Should a guest
+            # look it up later, arming removes the ignore mark, and the in-flight
+            # record keeps it unleased until this write is over.
+            self.counters["unknown_inode"] += 1
+            self._in_flight.setdefault(key, []).append(flight)
+            self._cool(event.fd, key)
+            self._answer(event)
+            return
+        if self._daemon.leases.state_of(nodeid) is InodeState.DIRTY and not mapping:
+            self.counters["dirty"] += 1
+            self._in_flight.setdefault(key, []).append(flight)
+            self._answer(event)
+            return
+        task = asyncio.ensure_future(self._recall_then_allow(event, nodeid, key, flight))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _recall_then_allow(self, event: PreContentEvent, nodeid: int, key: tuple[int, int],
+                                 flight: _InFlight) -> None:
+        try:
+            async with self._slots:
+                self.counters["recalls"] += 1
+                await self._daemon.host_local_modify(nodeid)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            self.counters["errors"] += 1
+            log.exception("fanotify: recall of node %d failed; allowing the write", nodeid)
+        finally:
+            self._in_flight.setdefault(key, []).append(flight)
+            self._answer(event)
+
+    def _answer(self, event: PreContentEvent, group: PreContentGroup | None = None) -> None:
+        """Allow `event` once; later calls for the same event do nothing (its fd
+        number may already belong to a newer event)."""
+        if self._unanswered.get(event.fd) is not event:
+            return
+        del self._unanswered[event.fd]
+        group = group or self._group
+        if group is None:
+            return  # closed: the kernel allowed it
+        try:
+            group.respond(event)
+        except OSError as exc:
+            log.error("fanotify: answering an event failed: %s", exc)
+
+    def _cool(self, event_fd: int, key: tuple[int, int]) -> None:
+        """An inode no guest knows: stop paying an event per access (ignore mark)."""
+        if key in self._disarmed or self._cooled >= MAX_COOLED:
+            return
+        try:
+            self._group.disarm(event_fd)
+        except OSError as exc:
+            log.debug("cannot put an ignore mark: %s", exc)
+            return
+        self._disarmed.add(key)
+        self._cooled += 1
+
+    def _quiescent(self, key: tuple[int, int]) -> bool:
+        """No modification let through on `key` may still be on its way."""
+        flights = self._in_flight.get(key)
+        if flights:
+            flights[:] = [f for f in flights if not f.over(key)]
+            if flights:
+                return False
+            del self._in_flight[key]
+        if len(self._in_flight) > 1024:  # records of inodes nobody re-arms
+            for other in list(self._in_flight):
+                self._in_flight[other] = [f for f in self._in_flight[other] if not f.over(other)]
+                if not self._in_flight[other]:
+                    del self._in_flight[other]
+        return True
+
+    def _rebuild(self) -> None:
+        """The event stream cannot be parsed: close the group (the kernel allows
+        every pending event), mark the mount with a fresh one, recall every lease."""
+        old, self._group = self._group, None
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(old.fileno())
+        self._unanswered.clear()
+        old.close()  # its ignore marks go with it: every inode is armed again
+        self._disarmed.clear()
+        self._cooled = 0
+        group = _open_group_on_a_high_fd()
+        group.mark_mount(self._mount)
+        self._group = group
+        loop.add_reader(group.fileno(), self._on_readable)
+        self._daemon.host_local_overflow()
