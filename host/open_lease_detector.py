@@ -73,9 +73,7 @@ class _NamesAndAttributes(InotifyDetector):
 
 
 class KernelLeaseDetector(Detector):
-    # The protocol has no kind of its own for kernel leases yet; HELLO says
-    # "held before the write" (fanotify's kind) until it does.
-    kind = getattr(DetectorKind, "KERNEL_LEASE", DetectorKind.FANOTIFY)
+    kind = DetectorKind.KERNEL_LEASE
     needs_arming = True
 
     def __init__(self) -> None:

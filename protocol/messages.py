@@ -44,10 +44,11 @@ class Detector(enum.IntEnum):
     NONE = 0  # only daemon writes are seen
     INOTIFY = 1  # after the fact
     FANOTIFY = 2  # before the write lands (pre-content permission events)
+    KERNEL_LEASE = 3  # before an open for write returns (F_SETLEASE; open-lease)
 
     @property
     def label(self) -> str:
-        return self.name.lower()
+        return self.name.lower().replace("_", "-")
 
 
 # --- handshake ---------------------------------------------------------------
