@@ -325,10 +325,20 @@ def test_seeded_multi_writer_run_through_mounts_has_no_stale_read(export, start_
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-    result = check(read_logs(logs))
-    assert result.reads > 200 and result.ok, (
-        f"reads={result.reads} stale={result.stale_reads} corrupt={dict(result.corrupt)} "
-        f"phantom={result.phantom} future={result.future} examples={result.examples[:3]}")
+    records = read_logs(logs)
+    result = check(records)
+    assert result.reads > 200
+    assert result.stale_reads == 0 and result.phantom == 0 and result.future == 0, (
+        f"reads={result.reads} stale={result.stale_reads} phantom={result.phantom} "
+        f"future={result.future} examples={result.examples[:3]}")
+    # A torn block is allowed only where a host-local pwrite of that very block
+    # overlapped the read: ext4 does not make a buffered pread atomic against a
+    # concurrent pwrite (seen here), whatever any cache does.
+    host_writes = [r for r in records if isinstance(r, WriteRecord) and r.via == "host-local"]
+    for read in (r for r in records if isinstance(r, ReadRecord) and r.corrupt):
+        assert any(w.file_id == read.file_id and w.block == read.block
+                   and w.start_ns <= read.end_ns and w.end_ns >= read.start_ns
+                   for w in host_writes), f"corrupt block with no concurrent host write: {read}"
     stats = [m.stats() for m in mounts]
     print("multi-writer run:", {"reads": result.reads, "actors": len(actors)},
           [{k: s[k] for k in ("kernel_reads", "cached_reads", "direct_reads", "invalidations",
