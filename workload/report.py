@@ -58,6 +58,8 @@ class Row:
     ops: int
     ops_per_s: float
     errors: int
+    host_write_p50_us: float | None = None
+    host_write_p99_us: float | None = None
 
 
 def summarize(run: PolicyRun) -> Row:
@@ -70,6 +72,7 @@ def summarize(run: PolicyRun) -> Row:
 
     hit_rate = hits / reads if reads else 0.0
     orc = run.oracle.hit_rate
+    host_writes = [v for a in run.actors if "reads" not in a for v in a["latencies"]["write_other"]]
     ops = sum(a["ops"] for a in run.actors)
     return Row(
         policy=run.policy, detector=run.detector, reads=reads, hits=hits, hit_rate=hit_rate,
@@ -91,6 +94,8 @@ def summarize(run: PolicyRun) -> Row:
         write_other_p99_us=_us(percentile(collect("write_other"), 0.99)),
         ops=ops, ops_per_s=ops / run.elapsed_s if run.elapsed_s else 0.0,
         errors=sum(sum(a.get("errors", {}).values()) for a in run.actors),
+        host_write_p50_us=_us(percentile(host_writes, 0.5)),
+        host_write_p99_us=_us(percentile(host_writes, 0.99)),
     )
 
 
@@ -165,6 +170,18 @@ def markdown_table(workload: str, rows: list[Row]) -> str:
             f"| {_fmt(r.write_first_p50_us, '.0f')}/{_fmt(r.write_first_p99_us, '.0f')} "
             f"| {_fmt(r.write_other_p50_us, '.0f')}/{_fmt(r.write_other_p99_us, '.0f')} "
             f"| {r.ops_per_s:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def detector_markdown(rows: list[tuple[str, Row]]) -> str:
+    """Host-local writers: the same workload and policy under each detector."""
+    lines = ["| workload | policy | detector | hit rate | oracle | stale reads | worst stale ms "
+             "| torn blocks | host write p50/p99 µs |", "|" + "---|" * 9]
+    for workload, r in rows:
+        lines.append(
+            f"| {workload} | {r.policy} | {r.detector} | {r.hit_rate:.1%} | {r.oracle_hit_rate:.1%} "
+            f"| {r.stale_reads} | {r.worst_stale_ms:.0f} | {r.corrupt} "
+            f"| {_fmt(r.host_write_p50_us, '.0f')}/{_fmt(r.host_write_p99_us, '.0f')} |")
     return "\n".join(lines) + "\n"
 
 
