@@ -82,9 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     guest.add_argument("--stats", help="counters to write (JSON); required unless --mount, "
                                        "where it is optional and kept up to date")
     guest.add_argument("--mount", metavar="MNT",
-                       help="instead of running an actor, mount the export at MNT through "
-                            "/dev/fuse (root only) and serve it until SIGINT/SIGTERM or until "
-                            "the host goes away; prints 'READY MNT ...' (docs/mount.md)")
+                       help="mount the export at MNT through /dev/fuse (root only).  Without "
+                            "--log: serve it until SIGINT/SIGTERM or until the host goes away; "
+                            "prints 'READY MNT ...'.  With --actor, --log and --stats: run that "
+                            "actor's operations as system calls on files under MNT, then "
+                            "unmount (what simulate --mount starts; docs/mount.md)")
     guest.add_argument("--cache-bytes", type=int, default=64 << 20,
                        help="page cache size (default: %(default)s)")
     _workload_arguments(guest)
@@ -123,6 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--workdir", metavar="DIR",
                      help="where exports go (default: a temporary directory under /tmp)")
     sim.add_argument("--keep", action="store_true", help="keep exports and logs")
+    sim.add_argument("--mount", action="store_true",
+                     help="run each guest actor through its own FUSE mount (root, /dev/fuse): "
+                          "the workload's operations become system calls on the mount, and "
+                          "hits are reads the kernel served without a READ (docs/mount.md)")
     _loop_argument(sim)
     sim.set_defaults(func=_simulate)
     chaos = sub.add_parser("chaos", help="seeded fault injection against a real simulation",
@@ -156,7 +162,27 @@ def build_parser() -> argparse.ArgumentParser:
     res.add_argument("--img-dir", default="docs/img")
     res.add_argument("--workdir", default=None, help="where exports go (default: under /tmp)")
     res.set_defaults(func=_results)
+
+    bench = sub.add_parser("bench", help="measure codec, cache hit/miss, recall stall, daemon "
+                                         "throughput and memory, each against a baseline",
+                           description="Measure, each against a baseline measured in the same "
+                                       "run: codec µs per message (fast path and construct) vs "
+                                       "struct; 4 KiB miss via a real host vs a raw echo of the "
+                                       "same bytes; hit latency; the first dirtying write with "
+                                       "1/4/16 lease holders vs one round trip; daemon ops/s "
+                                       "with 1-16 guests; uvloop vs asyncio; cache memory per "
+                                       "MiB (docs/performance.md).")
+    bench.add_argument("--json", metavar="PATH", help="also write every figure as JSON")
+    bench.add_argument("--quick", action="store_true",
+                       help="fewer samples (a smoke run; figures are noisier)")
+    bench.set_defaults(func=_bench)
     return parser
+
+
+def _bench(args) -> int:
+    from workload import bench
+
+    return bench.run(args)
 
 
 def _chaos(args) -> int:
@@ -192,14 +218,32 @@ def _make_workload(args):
 
 
 def _guest(args) -> int:
-    if args.mount:
+    if args.mount and args.log is None:
         return _guest_mount(args)
     missing = [f"--{name}" for name in ("actor", "log", "stats") if getattr(args, name) is None]
     if missing:
         raise SystemExit(f"cleanlease guest: {', '.join(missing)} required (unless --mount MNT)")
+    if args.mount:
+        return _guest_mount_actor(args)
     from workload.agent import run_guest
 
     return run_loop(run_guest(args, _make_workload(args)), args.loop)
+
+
+def _guest_mount_actor(args) -> int:
+    """`cleanlease guest --mount MNT --actor gN --log L --stats S ...`: one guest actor of
+    a workload, through a FUSE mount (workload/mount_agent.py; simulate --mount)."""
+    import logging
+
+    from guest.fuse_device import unavailable_reason
+    from workload.mount_agent import run_mount_actor
+
+    why = unavailable_reason()
+    if why:
+        raise SystemExit(f"cleanlease guest: cannot mount: {why}")
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format=f"guest {args.actor} %(levelname)s %(message)s")
+    return run_loop(run_mount_actor(args, _make_workload(args)), args.loop)
 
 
 def _guest_mount(args) -> int:
@@ -245,7 +289,13 @@ def _simulate(args) -> int:
                       duration=args.duration, seed=args.seed, cache_bytes=args.cache_bytes,
                       lease_term_ms=args.lease_term, ack_timeout_ms=args.ack_timeout,
                       clean_after_ms=args.clean_after, detector=args.detector, loop=args.loop,
-                      trace=args.trace, keep=args.keep)
+                      trace=args.trace, keep=args.keep, mount=args.mount)
+    if args.mount:
+        from guest.fuse_device import unavailable_reason
+
+        why = unavailable_reason()
+        if why:
+            raise SystemExit(f"cleanlease simulate --mount: cannot mount: {why}")
     # A pipe or a file gets wide tables rather than squeezed ones.
     console = Console(width=None if sys.stdout.isatty() else 140)
     workdir = args.workdir or tempfile.mkdtemp(prefix="cleanlease-")

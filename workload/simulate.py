@@ -49,6 +49,7 @@ class SimOptions:
     trace: str | None = None
     workdir: str | None = None  # where exports and logs go (a real file system)
     keep: bool = False
+    mount: bool = False  # each guest actor through its own FUSE mount (workload/mount_agent.py)
 
 
 @dataclass
@@ -153,6 +154,12 @@ class Simulation:
     """
 
     def __init__(self, workload: Workload, policy: str, opts: SimOptions, workdir: str):
+        if opts.mount:
+            from guest.fuse_device import unavailable_reason
+
+            why = unavailable_reason()
+            if why:
+                raise SimulationError(f"--mount: cannot mount: {why}")
         self.workload, self.policy, self.opts = workload, policy, opts
         self.run_dir = tempfile.mkdtemp(prefix=f"{policy}-", dir=workdir)
         self.export = os.path.join(self.run_dir, "export")
@@ -164,6 +171,7 @@ class Simulation:
         self.detector = "none"
         self.procs: list[ChildProcess] = []
         self.actors: list[tuple] = []
+        self.mountpoints: dict[str, str] = {}  # with opts.mount: actor name -> its mountpoint
         self.t0 = 0
         self.elapsed = 0.0
 
@@ -202,7 +210,14 @@ class Simulation:
                 argv = _command("writer", "--export", self.export, "--actor", actor.name,
                                 "--log", log, "--stats", stats, *workload_args)
             else:
-                argv = _command("guest", "--connect", self.address, "--actor", actor.name,
+                mount = []
+                if o.mount:
+                    # A private mountpoint: the actor's system calls go to files under it.
+                    mountpoint = os.path.join(self.run_dir, f"mnt-{actor.name}")
+                    os.mkdir(mountpoint)
+                    self.mountpoints[actor.name] = mountpoint
+                    mount = ["--mount", mountpoint]
+                argv = _command("guest", "--connect", self.address, *mount, "--actor", actor.name,
                                 "--log", log, "--stats", stats,
                                 "--cache-bytes", str(o.cache_bytes), *workload_args)
             self.procs.append(ChildProcess(actor.name, argv,
@@ -236,6 +251,8 @@ class Simulation:
             for proc in _readable(waiting, 0.1):
                 proc.wait_for_line("DONE", 1)
                 waiting.remove(proc)
+            if self.mountpoints:
+                self._check_mount_actors(waiting)
         self.elapsed = (time.monotonic_ns() - self.t0) / 1e9  # GO to the last DONE
 
     def finish(self, extra_records=()) -> PolicyRun:
@@ -260,10 +277,30 @@ class Simulation:
         return self.collect(self.records() + list(extra_records))
 
     def abort(self) -> None:
+        if self.mountpoints:
+            self._stop_mount_actors()
         for proc in self.procs:
             proc.stop(signal.SIGKILL if proc.popen.poll() is None else signal.SIGTERM)
         if self.host is not None:
             self.host.stop()
+
+    def _check_mount_actors(self, waiting: list[ChildProcess]) -> None:
+        """A mount actor killed while its actor thread waited on its own mount cannot
+        finish dying (workload/mount_agent.py): say so now, not at the deadline."""
+        from workload.mount_agent import leader_is_dead
+
+        for proc in waiting:
+            if (proc.name in self.mountpoints and leader_is_dead(proc.popen.pid)
+                    and proc.popen.poll() is None):  # poll() reaps one that did exit
+                raise SimulationError(f"{proc.name} died mid-run (killed?); a thread of it may "
+                                      f"wait on its own mount{proc.tail()}")
+
+    def _stop_mount_actors(self) -> None:
+        """SIGTERM (each unmounts itself), then abort and detach what is left."""
+        from workload.mount_agent import stop_mount_actors
+
+        stop_mount_actors([(p.popen, self.mountpoints[p.name]) for p in self.procs
+                           if p.name in self.mountpoints])
 
     def records(self) -> list:
         return read_logs([log for _, log, _ in self.actors])
