@@ -33,3 +33,6 @@ clean:
 fio-deps:
 	@command -v fio >/dev/null || (apt-get update -qq && apt-get install -y -qq fio >/dev/null) \
 	  || echo "fio could not be installed: tests/test_mount.py's fio run will skip"
+
+bench: $(STAMP)
+	$(BIN)/cleanlease bench

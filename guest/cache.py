@@ -30,6 +30,9 @@ from protocol.messages import Attr, LeaseGrant, Policy
 
 PAGE_SIZE = 4096
 
+# GuestCache._data_rule: what may_serve_data answers under the policy.
+_NONE, _ALL, _LEASED = "none", "all", "leased"
+
 
 @dataclass
 class CacheStats:
@@ -52,7 +55,7 @@ class CacheStats:
 class GuestCache:
     def __init__(self, policy: Policy, capacity_bytes: int, *, ttl_s: float = 1.0,
                  lease_term_s: float = 2.0, clock=time.monotonic):
-        self.policy = policy
+        self.policy = policy  # also sets _data_rule and _uses_leases
         self.capacity_pages = max(1, capacity_bytes // PAGE_SIZE)
         self.ttl_s = ttl_s
         self.lease_term_s = lease_term_s
@@ -68,11 +71,30 @@ class GuestCache:
         self._page_version: dict[int, tuple[int, int]] = {}
         self.renewed_until = 0.0
 
+    # --- the policy ------------------------------------------------------------------
+
+    @property
+    def policy(self) -> Policy:
+        return self._policy
+
+    @policy.setter
+    def policy(self, policy: Policy) -> None:
+        # What may_serve_data answers, decided once per policy rather than per read:
+        # _NONE (never), _ALL (always, ttl) or _LEASED (the lease policies).
+        self._policy = policy
+        self._uses_leases = policy in (Policy.OPEN_LEASE, Policy.CLEAN_LEASE)
+        if policy == Policy.NEVER:
+            self._data_rule = _NONE
+        elif policy in (Policy.ALWAYS, Policy.TTL):
+            self._data_rule = _ALL
+        else:
+            self._data_rule = _LEASED
+
     # --- leases and renewal ------------------------------------------------------
 
     @property
     def uses_leases(self) -> bool:
-        return self.policy in (Policy.OPEN_LEASE, Policy.CLEAN_LEASE)
+        return self._uses_leases
 
     def renewed(self, sent_at: float) -> None:
         """A reply to something sent at `sent_at` arrived: leases live until sent_at + term.
@@ -88,7 +110,7 @@ class GuestCache:
         A grant older than an invalidation already seen for that inode raced
         with it and is dropped.
         """
-        if not self.uses_leases:
+        if not self._uses_leases:
             return self.policy is not Policy.NEVER
         if not lease.granted:
             return False
@@ -102,17 +124,15 @@ class GuestCache:
         return nodeid in self._leases and self.clock() < self.renewed_until
 
     def lease_lapsed(self) -> bool:
-        return self.uses_leases and self.clock() >= self.renewed_until
+        return self._uses_leases and self.clock() >= self.renewed_until
 
     # --- what may be served --------------------------------------------------------
 
     def may_serve_data(self, nodeid: int) -> bool:
-        match self.policy:
-            case Policy.NEVER:
-                return False
-            case Policy.ALWAYS | Policy.TTL:
-                return True
-        return self._leased(nodeid)
+        rule = self._data_rule
+        if rule is _LEASED:
+            return nodeid in self._leases and self.clock() < self.renewed_until
+        return rule is _ALL
 
     def may_serve_attr(self, nodeid: int, now: float | None = None) -> bool:
         entry = self._attrs.get(nodeid)
@@ -137,6 +157,18 @@ class GuestCache:
         if size <= 0:
             return b""
         first, last = offset // PAGE_SIZE, (offset + size - 1) // PAGE_SIZE
+        if first == last:
+            # Within one page (the common case): no list, no join, and no copy at all
+            # when the read covers the whole page.
+            key = (nodeid, first)
+            page = self._pages.get(key)
+            if page is None:
+                return None
+            self._pages.move_to_end(key)
+            start = offset - first * PAGE_SIZE
+            if start == 0 and size >= len(page):
+                return page
+            return page[start: start + size]
         chunks = []
         for index in range(first, last + 1):
             page = self._pages.get((nodeid, index))
@@ -157,16 +189,28 @@ class GuestCache:
         empty) is stored short, which marks the end.
         """
         assert offset % PAGE_SIZE == 0
-        view = memoryview(data)
         index = offset // PAGE_SIZE
-        pages = self._pages_of.setdefault(nodeid, set())
-        for start in range(0, max(len(data), 1), PAGE_SIZE):
-            page = bytes(view[start: start + PAGE_SIZE])
+        pages = self._pages_of.get(nodeid)
+        if pages is None:
+            pages = self._pages_of[nodeid] = set()
+        if type(data) is bytes and len(data) <= PAGE_SIZE:
+            # One page (or the short last one): keep the reply's bytes, no copy.
             key = (nodeid, index)
-            self._pages[key] = page
+            self._pages[key] = data
             self._pages.move_to_end(key)
             pages.add(index)
             index += 1
+        else:
+            # One copy per page, straight out of the reply (bytes are immutable, so a
+            # page cannot share the reply's buffer without keeping all of it alive).
+            with memoryview(data) as view:
+                for start in range(0, max(len(data), 1), PAGE_SIZE):
+                    page = bytes(view[start: start + PAGE_SIZE])
+                    key = (nodeid, index)
+                    self._pages[key] = page
+                    self._pages.move_to_end(key)
+                    pages.add(index)
+                    index += 1
         if len(data) < requested and len(data) % PAGE_SIZE == 0 and data:
             self._pages[(nodeid, index)] = b""  # end of file at a page boundary
             pages.add(index)

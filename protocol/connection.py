@@ -10,16 +10,28 @@ matched, and a reply to something never asked is an error.
 
 Frames larger than the negotiated maximum are refused as soon as their
 header arrives, before any of the payload is buffered.
+
+Messages are encoded and decoded by the fast path of `protocol/fastcodec.py`
+(struct formats derived from the construct schemas) where it applies, and by
+the reference codec `protocol/codec.py` otherwise; the fast path never accepts
+what the reference refuses (`tests/test_codec_agreement.py`).
+`Connection(..., fast_codec=False)`, or `FAST_CODEC = False` here before the
+connection is made, uses the reference codec only; so does a process started
+with CLEANLEASE_CODEC=reference in its environment (for `cleanlease bench`).
+
+Received bytes are not copied while whole frames can be read where they
+arrived: a chunk is kept as it came and read through an offset, and only a
+frame that straddles two chunks is assembled in a bytearray.  A payload is
+then copied once, into the message that carries it.
 """
 
 from __future__ import annotations
 
 import enum
-import struct
+import os
 
-from protocol import codec, wire
+from protocol import codec, fastcodec, wire
 from protocol.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
-from protocol.fuse import Opcode
 from protocol.messages import (
     Ack,
     ConnectionClosed,
@@ -83,7 +95,36 @@ TRANSITIONS: dict[tuple[Role, State, str, type], State] = {
     (Role.HOST, State.READY, SEND, HeartbeatReply): State.READY,
 }
 
-_HEADER = struct.Struct("<III")  # the layout of wire.FrameHeader, for slicing only
+# TRANSITIONS regrouped by (role, state), so that a message's move is found by
+# (direction, type) alone: enum members hash in Python, tuples of str and type in C.
+_MOVES: dict[tuple[Role, State], dict[tuple[str, type], State]] = {
+    (role, state): {} for role in Role for state in State}
+for (_role, _state, _direction, _type), _next in TRANSITIONS.items():
+    _MOVES[(_role, _state)][(_direction, _type)] = _next
+del _role, _state, _direction, _type, _next
+
+_HEADER = fastcodec.FRAME_HEADER  # wire.FrameHeader as a struct, derived from the schema
+_HEADER_SIZE = wire.HEADER_SIZE
+assert _HEADER.size == _HEADER_SIZE
+
+# The default of Connection(fast_codec=None): the fast codec path of protocol/fastcodec.py.
+FAST_CODEC = os.environ.get("CLEANLEASE_CODEC", "fast") != "reference"
+
+
+def _fast_decode(request, flags, buffer, start, size, reply_opcode):
+    """fastcodec.decode, or None (the reference decides) should it ever fail unexpectedly:
+    whatever arrives, only the reference codec's errors may leave next_event()."""
+    try:
+        return fastcodec.decode(request, flags, buffer, start, size, reply_opcode)
+    except Exception:  # noqa: BLE001 - a fast-path bug must not become a new failure mode
+        return None
+
+
+def _fast_encode(encode, *args):
+    try:
+        return encode(*args)
+    except Exception:  # noqa: BLE001 - as _fast_decode: the reference decides
+        return None
 
 
 class Connection:
@@ -95,17 +136,31 @@ class Connection:
     """
 
     def __init__(self, role: Role, *, max_frame: int = wire.DEFAULT_MAX_FRAME,
-                 max_in_flight: int = 1024):
+                 max_in_flight: int = 1024, fast_codec: bool | None = None):
         self.role = role
-        self.state = State.IDLE
+        self.state = State.IDLE  # also sets _moves
         self.max_frame = max_frame
         self.max_in_flight = max_in_flight
-        self._buffer = bytearray()
+        self.fast_codec = FAST_CODEC if fast_codec is None else fast_codec
+        # Unread bytes are self._buffer[self._pos:].  The buffer is the last chunk
+        # received, as it came (bytes), until a frame straddles two chunks; then
+        # a bytearray of what is left and the new chunk.
+        self._buffer: bytes | bytearray = b""
+        self._pos = 0
         self._pending_fs: dict[int, int] = {}  # unique -> opcode
         self._pending_notify: dict[int, wire.Request] = {}
         self._pending_heartbeats: set[int] = set()
         self._offered_max_frame = wire.ABSOLUTE_MAX_FRAME  # what the HELLO offered
         self._eof = False
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    @state.setter
+    def state(self, state: State) -> None:
+        self._state = state
+        self._moves = _MOVES[(self.role, state)]
 
     # --- bookkeeping visible to the owner --------------------------------
 
@@ -131,20 +186,30 @@ class Connection:
         fit the negotiated frame size.  On error nothing is recorded.
         """
         self._transition(SEND, message, LocalProtocolError)
+        frame = None
         if isinstance(message, Ack):
             request = self._pending_notify.get(message.seq)
             if request is None:
                 raise LocalProtocolError(f"ACK for seq {message.seq}, which is not outstanding")
-            code, flags, payload = codec.encode_ack(message, request)
+            if self.fast_codec:
+                frame = _fast_encode(fastcodec.encode_ack_frame, message, request)
+            if frame is None:
+                code, flags, payload = codec.encode_ack(message, request)
         else:
-            code, flags, payload = codec.encode_payload(message)
-        if len(payload) > self.max_frame:
+            if self.fast_codec:
+                frame = _fast_encode(fastcodec.encode_frame, message)
+            if frame is None:
+                code, flags, payload = codec.encode_payload(message)
+        size = len(frame) - _HEADER_SIZE if frame is not None else len(payload)
+        if size > self.max_frame:
             raise LocalProtocolError(
-                f"{type(message).__name__} needs a {len(payload)}-byte frame, over the maximum "
+                f"{type(message).__name__} needs a {size}-byte frame, over the maximum "
                 f"{self.max_frame}")
         self._record_send(message)
         self._advance(SEND, message)
-        return codec.encode_header(code, flags, len(payload)) + payload
+        if frame is not None:
+            return frame
+        return codec.encode_header(code, flags, size) + payload
 
     def _record_send(self, message: Message) -> None:
         match message:
@@ -196,7 +261,22 @@ class Connection:
         if data:
             if self._eof:
                 raise LocalProtocolError("data received after EOF")
-            self._buffer += data
+            buffer, pos = self._buffer, self._pos
+            if pos == len(buffer):
+                # Nothing unread: keep the chunk as it is (a caller's bytearray or
+                # memoryview is copied, since it may be reused).
+                self._buffer = data if type(data) is bytes else bytes(data)
+                self._pos = 0
+            elif type(buffer) is bytearray:
+                if pos:
+                    del buffer[:pos]  # once per chunk, not once per frame
+                    self._pos = 0
+                buffer += data
+            else:
+                # A frame straddles two chunks: assemble what is left in a bytearray.
+                merged = bytearray(memoryview(buffer)[pos:])
+                merged += data
+                self._buffer, self._pos = merged, 0
         else:
             self._eof = True
 
@@ -210,19 +290,34 @@ class Connection:
         """
         if self.state is State.ERROR:
             raise RemoteProtocolError("the connection has already failed")
-        buffered = len(self._buffer)
-        if buffered < wire.HEADER_SIZE:
+        buffer, pos = self._buffer, self._pos
+        buffered = len(buffer) - pos
+        if buffered < _HEADER_SIZE:
             return self._at_end_of_data(buffered)
-        request, flags, size = _HEADER.unpack_from(self._buffer)
+        request, flags, size = _HEADER.unpack_from(buffer, pos)
         if size > self.max_frame:
             self._fail(RemoteProtocolError(
                 f"frame header: size {size} exceeds the maximum frame {self.max_frame}"))
-        if buffered < wire.HEADER_SIZE + size:
-            return self._at_end_of_data(buffered, wire.HEADER_SIZE + size)
-        payload = bytes(self._buffer[wire.HEADER_SIZE: wire.HEADER_SIZE + size])
-        del self._buffer[: wire.HEADER_SIZE + size]
+        if buffered < _HEADER_SIZE + size:
+            return self._at_end_of_data(buffered, _HEADER_SIZE + size)
+        start = pos + _HEADER_SIZE
+        end = start + size
+        # The frame is consumed whatever it holds.
+        if end == len(buffer):
+            self._buffer, self._pos = b"", 0  # let go of the chunk
+        else:
+            self._pos = end
+        message = None
+        if self.fast_codec:
+            message = _fast_decode(request, flags, buffer, start, size, self._pending_fs.get)
         try:
-            message = codec.decode_payload(request, flags, payload, self._pending_fs.get)
+            if message is None:
+                if type(buffer) is bytes:
+                    payload = buffer[start:end]
+                else:
+                    with memoryview(buffer) as view:
+                        payload = bytes(view[start:end])
+                message = codec.decode_payload(request, flags, payload, self._pending_fs.get)
         except codec.UnsupportedOpcode as exc:
             if self.role is not Role.HOST or self.state is not State.READY:
                 self._fail(RemoteProtocolError(str(exc)))
@@ -294,8 +389,7 @@ class Connection:
     # --- the table -------------------------------------------------------------
 
     def _transition(self, direction: str, message: Message, error: type[ProtocolError]) -> State:
-        key = (self.role, self.state, direction, type(message))
-        nxt = TRANSITIONS.get(key)
+        nxt = self._moves.get((direction, type(message)))  # TRANSITIONS[role, state, ...]
         if nxt is None:
             exc = error(f"{self.role.value} cannot {direction} {type(message).__name__} "
                         f"in state {self.state.value}")
@@ -305,7 +399,9 @@ class Connection:
         return nxt
 
     def _advance(self, direction: str, message: Message) -> None:
-        self.state = TRANSITIONS[(self.role, self.state, direction, type(message))]
+        nxt = self._moves[(direction, type(message))]
+        if nxt is not self._state:
+            self.state = nxt
         if isinstance(message, HelloReply) and message.error != 0:
             self.state = State.CLOSED
 
