@@ -21,7 +21,7 @@ import logging
 import os
 import stat as stat_module
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from host import cachestat
 from host.backend import ExportFS
@@ -96,12 +96,12 @@ class HostStats:
     rearm_refused: int = 0
     bytes_to_guests: int = 0
     host_local_events: int = 0
-    recall_wait_ns: list[int] = field(default_factory=list)
+    recall_wait_max_ns: int = 0  # the longest a recall has taken (there were `recalls`)
 
     def as_dict(self) -> dict:
         d = dict(self.__dict__)
-        waits = sorted(self.recall_wait_ns)
-        d["recall_wait_ns"] = {"count": len(waits), "max": waits[-1] if waits else 0}
+        del d["recall_wait_max_ns"]
+        d["recall_wait_ns"] = {"count": self.recalls, "max": self.recall_wait_max_ns}
         return d
 
 
@@ -479,7 +479,8 @@ class HostDaemon:
                 for future in pending:
                     await self._fence(waiting[future], future)
         finally:
-            self.stats.recall_wait_ns.append(time.monotonic_ns() - started)
+            waited = time.monotonic_ns() - started
+            self.stats.recall_wait_max_ns = max(self.stats.recall_wait_max_ns, waited)
             if track:
                 self._recall_done.pop(recall.ino, None)
                 if not done.done():
