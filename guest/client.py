@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from guest.cache import PAGE_SIZE, GuestCache
 from protocol import wire
+from protocol.address import parse_address
 from protocol.connection import NEED_DATA, Connection, Role
 from protocol.errors import ProtocolError
 from protocol.fuse import FATTR_SIZE
@@ -198,11 +199,10 @@ class GuestClient:
                       reconnect: bool = True, reconnect_for: float = 30.0) -> "GuestClient":
         """Connect to `unix:PATH` or `tcp:HOST:PORT` and say HELLO.
 
-        Raises ConnectionError if the host refuses (the message says why) or
-        OSError if nothing listens there.
+        Raises ValueError for a malformed address, ConnectionError if the host
+        refuses (the message says why), OSError if nothing listens there.
         """
-        if address.partition(":")[0] not in ("unix", "tcp"):
-            raise ValueError(f"address {address!r}: use unix:PATH or tcp:HOST:PORT")
+        parse_address(address)  # refuse a malformed address before anything else
         self = cls(address, name=name, cache_bytes=cache_bytes, request_timeout=request_timeout,
                    heartbeat=heartbeat, reconnect=reconnect, reconnect_for=reconnect_for)
         await self._open_session()
@@ -212,12 +212,11 @@ class GuestClient:
     async def _open_session(self) -> None:
         loop = asyncio.get_running_loop()
         session = _Session(self)
-        kind, _, rest = self.address.partition(":")
-        if kind == "unix":
-            await loop.create_unix_connection(lambda: _ClientProtocol(session), rest)
+        where = parse_address(self.address)
+        if where.kind == "unix":
+            await loop.create_unix_connection(lambda: _ClientProtocol(session), where.path)
         else:
-            host, _, port = rest.rpartition(":")
-            await loop.create_connection(lambda: _ClientProtocol(session), host, int(port))
+            await loop.create_connection(lambda: _ClientProtocol(session), where.host, where.port)
         session.send(Hello(wire.PROTOCOL_VERSION, wire.SUPPORTED_FEATURES, wire.DEFAULT_MAX_FRAME,
                            self.name))
         try:

@@ -13,6 +13,7 @@ from host import kernel_lease
 from host.detectors import make_detector
 from host.server import HostConfig, HostDaemon
 from protocol import wire
+from protocol.address import parse_address
 from protocol.messages import Policy
 
 
@@ -48,6 +49,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from(args: argparse.Namespace) -> HostConfig:
+    try:
+        parse_address(args.listen)
+    except ValueError as exc:
+        raise SystemExit(f"cleanlease host: --listen: {exc}")
     export = os.path.realpath(args.export)
     if not os.path.isdir(export):
         raise SystemExit(f"cleanlease host: --export {args.export!r} is not a directory")

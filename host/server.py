@@ -29,6 +29,7 @@ from host.detectors import Detector as HostDetector
 from host.detectors import NullDetector
 from host.leases import HOST_LOCAL, WAIT, InodeState, LeaseTable, Recall
 from protocol import wire
+from protocol.address import parse_address
 from protocol.codec import UnsupportedOpcode
 from protocol.connection import NEED_DATA, Connection, Role, State
 from protocol.errors import ProtocolError
@@ -176,26 +177,26 @@ class HostDaemon:
     # --- listening -------------------------------------------------------------
 
     async def start(self, listen: str) -> str:
-        """Listen on `unix:PATH` or `tcp:HOST:PORT`; returns the address actually bound."""
+        """Listen on `unix:PATH` or `tcp:HOST:PORT`; returns the address actually bound.
+
+        Raises ValueError for any other form of `listen`."""
         loop = asyncio.get_running_loop()
-        kind, _, rest = listen.partition(":")
-        if kind == "unix":
-            if os.path.exists(rest):
-                os.unlink(rest)
+        where = parse_address(listen)
+        if where.kind == "unix":
+            if os.path.exists(where.path):
+                os.unlink(where.path)
             old = os.umask(0o177)  # the socket is created 0600: only our user may connect
             try:
-                self._server = await loop.create_unix_server(lambda: _GuestProtocol(self), rest)
+                self._server = await loop.create_unix_server(lambda: _GuestProtocol(self),
+                                                             where.path)
             finally:
                 os.umask(old)
-            address = f"unix:{rest}"
-        elif kind == "tcp":
-            host, _, port = rest.rpartition(":")
-            self._server = await loop.create_server(lambda: _GuestProtocol(self), host or "127.0.0.1",
-                                                    int(port))
+            address = f"unix:{where.path}"
+        else:
+            self._server = await loop.create_server(lambda: _GuestProtocol(self), where.host,
+                                                    where.port)
             bound = self._server.sockets[0].getsockname()
             address = f"tcp:{bound[0]}:{bound[1]}"
-        else:
-            raise ValueError(f"--listen {listen!r}: use unix:PATH or tcp:HOST:PORT")
         await self.detector.start(self)
         return address
 

@@ -52,6 +52,8 @@ import time
 import timeit
 from dataclasses import asdict, dataclass, field
 
+from protocol.address import parse_address
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAGE = 4096
 BENCH_FILE = "bench.dat"
@@ -393,7 +395,7 @@ async def echo_latency(address: str, samples: int, warmup: int, cpu: dict | None
     request, reply = read_frames()
     loop = asyncio.get_running_loop()
     transport, proto = await loop.create_unix_connection(lambda: _EchoClient(len(reply)),
-                                                         address.partition(":")[2])
+                                                         parse_address(address).path)
     out = []
     clock = time.perf_counter_ns
     for i in range(warmup + samples):
@@ -1121,7 +1123,7 @@ async def _load_main(args) -> None:
     protos = []
     for i in range(args.guests):
         _, proto = await loop.create_unix_connection(lambda: _LoadProtocol(args.kind, len(reply)),
-                                                     args.target.partition(":")[2])
+                                                     parse_address(args.target).path)
         if args.kind == "daemon":
             await proto.call(Hello(wire.PROTOCOL_VERSION, wire.SUPPORTED_FEATURES,
                                    wire.DEFAULT_MAX_FRAME, f"load{i}"))

@@ -14,6 +14,7 @@ import socket
 import struct
 
 from protocol import codec, wire
+from protocol.address import parse_address
 from protocol.connection import Connection, Role
 from protocol.messages import FsRequest, Getattr, Hello, Lookup, Open, Read, Readdir, Write
 
@@ -85,7 +86,7 @@ def send_connection(address: str, frames: list[bytes], timeout: float = 10.0) ->
     """Connect to a unix: address, say HELLO, send `frames`, read until the daemon closes."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
-    sock.connect(address.partition(":")[2])
+    sock.connect(parse_address(address).path)
     try:
         sock.sendall(hello_bytes() + b"".join(frames))
         sock.shutdown(socket.SHUT_WR)
