@@ -123,9 +123,6 @@ class GuestCache:
     def _leased(self, nodeid: int) -> bool:
         return nodeid in self._leases and self.clock() < self.renewed_until
 
-    def lease_lapsed(self) -> bool:
-        return self._uses_leases and self.clock() >= self.renewed_until
-
     # --- what may be served --------------------------------------------------------
 
     def may_serve_data(self, nodeid: int) -> bool:
@@ -227,9 +224,6 @@ class GuestCache:
     @property
     def cached_bytes(self) -> int:
         return sum(len(p) for p in self._pages.values())
-
-    def cached_pages(self, nodeid: int) -> int:
-        return len(self._pages_of.get(nodeid, ()))
 
     # --- attributes and entries ------------------------------------------------------
 
