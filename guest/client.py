@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 
 from guest.cache import PAGE_SIZE, GuestCache
-from protocol import wire
+from protocol import auth, wire
 from protocol.address import parse_address
 from protocol.connection import NEED_DATA, Connection, Role
 from protocol.errors import ProtocolError
@@ -27,10 +27,12 @@ from protocol.fuse import FATTR_SIZE
 from protocol.messages import (
     Ack,
     Attr,
+    Auth,
+    AuthReply,
     ConnectionClosed,
     Create,
-    FsReply,
     Forget,
+    FsReply,
     FsRequest,
     Fsync,
     Getattr,
@@ -62,6 +64,11 @@ class HostError(OSError):
 
 class SessionLost(ConnectionError):
     """The connection to the host is gone; outstanding requests fail with this."""
+
+
+class AuthenticationFailed(ConnectionError):
+    """The token exchange failed: ours was refused, the host's proof was wrong,
+    or one side has a token and the other none.  Retrying cannot help."""
 
 
 @dataclass(eq=False)
@@ -114,6 +121,7 @@ class _Session:
         self.pending: dict[int, tuple[asyncio.Future, float]] = {}
         loop = asyncio.get_running_loop()
         self.hello_future: asyncio.Future = loop.create_future()
+        self.auth_future: asyncio.Future | None = None  # only while an AUTH is unanswered
         self.closed: asyncio.Future = loop.create_future()
         self.lost = False
 
@@ -127,8 +135,9 @@ class _Session:
             if not future.done():
                 future.set_exception(exc)
         self.pending.clear()
-        if not self.hello_future.done():
-            self.hello_future.set_exception(exc)
+        for future in (self.hello_future, self.auth_future):
+            if future is not None and not future.done():
+                future.set_exception(exc)
 
 
 class _ClientProtocol(asyncio.Protocol):
@@ -165,9 +174,11 @@ class GuestClient:
     """
 
     def __init__(self, address: str, *, name: str, cache_bytes: int, request_timeout: float,
-                 heartbeat: bool, reconnect: bool, reconnect_for: float):
+                 heartbeat: bool, reconnect: bool, reconnect_for: float,
+                 token: bytes | None = None):
         self.address = address
         self.name = name
+        self.token = token
         self.cache_bytes = cache_bytes
         self.request_timeout = request_timeout
         self.heartbeat = heartbeat
@@ -196,15 +207,22 @@ class GuestClient:
     @classmethod
     async def connect(cls, address: str, *, name: str = "guest", cache_bytes: int = 64 << 20,
                       request_timeout: float = 30.0, heartbeat: bool = True,
-                      reconnect: bool = True, reconnect_for: float = 30.0) -> "GuestClient":
+                      reconnect: bool = True, reconnect_for: float = 30.0,
+                      token: bytes | None = None) -> "GuestClient":
         """Connect to `unix:PATH` or `tcp:HOST:PORT` and say HELLO.
 
-        Raises ValueError for a malformed address, ConnectionError if the host
-        refuses (the message says why), OSError if nothing listens there.
+        With a `token`, the host must prove it knows the same token, and we
+        prove it to the host (protocol/auth.py); without one, a host that
+        asks for a token is refused.
+
+        Raises ValueError for a malformed address, AuthenticationFailed if the
+        token exchange fails, ConnectionError if the host refuses otherwise
+        (the message says why), OSError if nothing listens there.
         """
         parse_address(address)  # refuse a malformed address before anything else
         self = cls(address, name=name, cache_bytes=cache_bytes, request_timeout=request_timeout,
-                   heartbeat=heartbeat, reconnect=reconnect, reconnect_for=reconnect_for)
+                   heartbeat=heartbeat, reconnect=reconnect, reconnect_for=reconnect_for,
+                   token=token)
         await self._open_session()
         self._connected.set()
         return self
@@ -217,16 +235,16 @@ class GuestClient:
             await loop.create_unix_connection(lambda: _ClientProtocol(session), where.path)
         else:
             await loop.create_connection(lambda: _ClientProtocol(session), where.host, where.port)
-        session.send(Hello(wire.PROTOCOL_VERSION, wire.SUPPORTED_FEATURES, wire.DEFAULT_MAX_FRAME,
-                           self.name))
+        offer = wire.SUPPORTED_FEATURES | (wire.FEATURE_AUTH if self.token is not None else 0)
+        session.send(Hello(wire.PROTOCOL_VERSION, offer, wire.DEFAULT_MAX_FRAME, self.name))
         try:
             reply: HelloReply = await asyncio.wait_for(session.hello_future, self.request_timeout)
+            if reply.error:
+                raise ConnectionError(f"host refused HELLO: {os.strerror(-reply.error)}")
+            await self._authenticate(session, reply)
         except BaseException:
             session.transport.abort()
             raise
-        if reply.error:
-            session.transport.close()
-            raise ConnectionError(f"host refused HELLO: {os.strerror(-reply.error)}")
         # Current only once HELLO succeeded: a session lost before that is the
         # reconnect loop's business, not a reason to start another one.
         self.session = session
@@ -241,6 +259,36 @@ class GuestClient:
             self.cache.clear()
         if self.heartbeat and self.cache.uses_leases:
             self._heartbeat_task = asyncio.ensure_future(self._heartbeats(session))
+
+    async def _authenticate(self, session: _Session, reply: HelloReply) -> None:
+        """Run the AUTH exchange if the host asked for one; both sides must have a token.
+
+        Raises AuthenticationFailed saying which side lacks what."""
+        asked = bool(reply.features & wire.FEATURE_AUTH)
+        if not asked and self.token is None:
+            return
+        if not asked:
+            raise AuthenticationFailed(
+                f"the host at {self.address} did not ask for a token, but we have one: "
+                f"refusing it, since any host could answer like that (give the host the "
+                f"same token, or give this guest none)")
+        if self.token is None:
+            raise AuthenticationFailed(
+                f"the host at {self.address} requires a token: give this guest the host's "
+                f"(--token-file FILE, or ${auth.TOKEN_ENV})")
+        guest_nonce = auth.new_nonce()
+        session.auth_future = asyncio.get_running_loop().create_future()
+        session.send(Auth(guest_nonce, auth.guest_proof(self.token, reply.nonce, guest_nonce)))
+        answer: AuthReply = await asyncio.wait_for(session.auth_future, self.request_timeout)
+        if answer.error:
+            raise AuthenticationFailed(
+                f"the host at {self.address} refused our token ({os.strerror(-answer.error)}): "
+                f"it has another")
+        if not auth.proof_matches(auth.host_proof(self.token, guest_nonce, reply.nonce),
+                                  answer.proof):
+            raise AuthenticationFailed(
+                f"the host at {self.address} could not prove it knows the token: it is not "
+                f"the host we were given the token for")
 
     @property
     def policy(self) -> Policy:
@@ -311,6 +359,10 @@ class GuestClient:
                 await self._open_session()
                 await self._reopen_files()
                 self._connected.set()  # only now: retried calls need the re-opened handles
+                return
+            except AuthenticationFailed as exc:
+                self._gone = exc  # the same token will fail the same way
+                self._connected.set()
                 return
             except (OSError, ConnectionError, asyncio.TimeoutError, ProtocolError):
                 if time.monotonic() + delay > deadline:
@@ -400,6 +452,9 @@ class GuestClient:
             case HelloReply():
                 if not session.hello_future.done():
                     session.hello_future.set_result(event)
+            case AuthReply():
+                if session.auth_future is not None and not session.auth_future.done():
+                    session.auth_future.set_result(event)
 
     def _ack_after_callback(self, session: _Session, event) -> None:
         """ACK once our copy is gone: at once, or when the awaitable that

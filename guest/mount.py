@@ -843,13 +843,14 @@ _FORWARDED = {
 
 
 async def run_mount(address: str, mountpoint: str, *, name: str = "mount",
-                    stats_path: str | None = None, request_timeout: float = 30.0) -> int:
+                    stats_path: str | None = None, request_timeout: float = 30.0,
+                    token: bytes | None = None) -> int:
     """Connect, mount, print `READY <mountpoint> ...`, serve until SIGINT/SIGTERM or
     until the host goes away; then unmount.  Returns the exit status."""
     if not os.path.isdir(mountpoint):
         raise SystemExit(f"cleanlease guest: --mount {mountpoint!r} is not a directory")
     client = await MountClient.connect(address, name=name, request_timeout=request_timeout,
-                                       reconnect=False)
+                                       reconnect=False, token=token)
     # Fault injection for tests: hold every READ reply (an INVALIDATE then
     # arrives while the kernel still waits for the READ of the same pages).
     delay = float(os.environ.get("CLEANLEASE_MOUNT_READ_DELAY_MS", "0")) / 1000.0

@@ -12,7 +12,7 @@ import sys
 from host import kernel_lease
 from host.detectors import make_detector
 from host.server import HostConfig, HostDaemon
-from protocol import wire
+from protocol import auth, wire
 from protocol.address import parse_address
 from protocol.messages import Policy
 
@@ -22,7 +22,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the directory to share with guests (a real directory; "
                              "nothing outside it is ever reachable)")
     parser.add_argument("--listen", required=True, metavar="ADDR",
-                        help="unix:PATH (created 0600) or tcp:HOST:PORT")
+                        help="unix:PATH (created 0600) or tcp:HOST:PORT (needs a token; "
+                             "tcp::PORT listens on loopback only)")
+    parser.add_argument("--token-file", metavar="FILE",
+                        help="require every guest to prove it knows the token in FILE "
+                             "(mode 600; make one with `cleanlease token FILE`).  The token "
+                             "never travels: a challenge-response in HELLO (docs/protocol.md).  "
+                             f"Required with tcp:.  Default: ${auth.TOKEN_ENV}, if set")
+    parser.add_argument("--token", metavar="TOKEN",
+                        help="the token itself; other local users can read it in `ps`, so "
+                             "prefer --token-file")
+    parser.add_argument("--handshake-timeout", type=int, default=5000, metavar="MS",
+                        help="close a connection that has not finished HELLO (and the token "
+                             "exchange) by then (default: %(default)s)")
     parser.add_argument("--policy", default="clean-lease", type=Policy.from_label,
                         help="never | ttl | always | open-lease | clean-lease (default: %(default)s)")
     parser.add_argument("--lease-term", type=int, default=2000, metavar="MS",
@@ -48,23 +60,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stats", metavar="PATH", help="write counters as JSON here on exit")
 
 
-def config_from(args: argparse.Namespace) -> HostConfig:
+def config_from(args: argparse.Namespace, environ=os.environ) -> HostConfig:
     try:
-        parse_address(args.listen)
+        where = parse_address(args.listen)
     except ValueError as exc:
         raise SystemExit(f"cleanlease host: --listen: {exc}")
+    try:
+        token = auth.token_from(args.token, args.token_file, environ)
+    except auth.TokenError as exc:
+        raise SystemExit(f"cleanlease host: {exc}")
+    if where.kind == "tcp" and token is None:
+        raise SystemExit(f"cleanlease host: --listen {args.listen} needs a token, or anyone who "
+                         f"can reach the port could read and write the export: make one with "
+                         f"`cleanlease token FILE` and pass --token-file FILE (the guests need "
+                         f"the same)")
     export = os.path.realpath(args.export)
     if not os.path.isdir(export):
         raise SystemExit(f"cleanlease host: --export {args.export!r} is not a directory")
     if not wire.MIN_MAX_FRAME <= args.max_frame <= wire.ABSOLUTE_MAX_FRAME:
         raise SystemExit(f"cleanlease host: --max-frame must be between {wire.MIN_MAX_FRAME} "
                          f"and {wire.ABSOLUTE_MAX_FRAME}")
-    for name in ("lease_term", "ack_timeout", "clean_after", "ttl"):
+    for name in ("lease_term", "ack_timeout", "clean_after", "ttl", "handshake_timeout"):
         if getattr(args, name) < 0:
             raise SystemExit(f"cleanlease host: --{name.replace('_', '-')} must not be negative")
     return HostConfig(export=export, policy=args.policy, lease_term_ms=args.lease_term,
                       ack_timeout_ms=args.ack_timeout, clean_after_ms=args.clean_after,
-                      ttl_ms=args.ttl, max_frame=args.max_frame)
+                      ttl_ms=args.ttl, max_frame=args.max_frame, token=token,
+                      handshake_timeout_ms=args.handshake_timeout)
 
 
 async def serve(args: argparse.Namespace) -> int:
@@ -85,8 +107,8 @@ async def serve(args: argparse.Namespace) -> int:
         loop.add_signal_handler(signum, stop.set)
     try:
         address = await daemon.start(args.listen)
-        print(f"READY {address} policy={config.policy.label} detector={daemon.detector.label}",
-              flush=True)
+        print(f"READY {address} policy={config.policy.label} detector={daemon.detector.label} "
+              f"auth={'token' if config.token else 'none'}", flush=True)
         await stop.wait()
     finally:
         # Answers every pending permission event, releases kernel leases and

@@ -28,7 +28,7 @@ from host.backend import ExportFS
 from host.detectors import Detector as HostDetector
 from host.detectors import NullDetector
 from host.leases import HOST_LOCAL, WAIT, InodeState, LeaseTable, Recall
-from protocol import wire
+from protocol import auth, wire
 from protocol.address import parse_address
 from protocol.codec import UnsupportedOpcode
 from protocol.connection import NEED_DATA, Connection, Role, State
@@ -39,8 +39,10 @@ from protocol.messages import (
     LEASE_GRANTED,
     NO_LEASE,
     Ack,
-    AttrOut,
     Attr,
+    AttrOut,
+    Auth,
+    AuthReply,
     ConnectionClosed,
     CreateOut,
     DirEntry,
@@ -79,11 +81,20 @@ class HostConfig:
     max_in_flight: int = 256
     max_sessions: int = 64
     max_handles_per_guest: int = 1024
+    # With a token, every connection must prove it knows it (protocol/auth.py)
+    # before anything else is served.
+    token: bytes | None = None
+    # A connection that has not finished HELLO (and AUTH) by then is closed, so
+    # that silent or slow peers cannot hold sockets; at most max_sessions may
+    # be that far at once.
+    handshake_timeout_ms: int = 5000
 
 
 @dataclass
 class HostStats:
     sessions: int = 0
+    auth_failures: int = 0
+    handshakes_refused: int = 0  # too many at once, or not finished in time
     requests: int = 0
     errors: int = 0
     protocol_errors: int = 0
@@ -121,6 +132,8 @@ class Session:
         self.closed = False
         self.write_handles: dict[int, int] = {}  # fh -> nodeid, for open-lease
         self.acks: dict[int, asyncio.Future] = {}
+        self.host_nonce = b""  # the AUTH challenge sent in the HELLO reply
+        self.handshake_timer: asyncio.TimerHandle | None = None
 
     def send(self, message) -> None:
         """Write `message`; dropped if the connection has failed or is closing (the
@@ -143,7 +156,7 @@ class _GuestProtocol(asyncio.Protocol):
         self.session: Session | None = None
 
     def connection_made(self, transport):
-        self.session = Session(self.daemon, transport)
+        self.session = self.daemon.accept(transport)
 
     def data_received(self, data):
         self.daemon.feed(self.session, data)
@@ -165,7 +178,8 @@ class HostDaemon:
         self.detector = detector or NullDetector()
         self.leases = LeaseTable(config.policy, needs_arming=self.detector.needs_arming)
         self.boot_id = os.urandom(16)
-        self.sessions: dict[int, Session] = {}
+        self.sessions: dict[int, Session] = {}  # only those that finished the handshake
+        self._handshaking: set[Session] = set()
         self.stats = HostStats()
         self._next_guest_id = 1
         self._next_seq = 1
@@ -203,13 +217,92 @@ class HostDaemon:
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
-        for session in list(self.sessions.values()):
+        for session in [*self.sessions.values(), *self._handshaking]:
             session.transport.close()
         for handle in self._flush_timers.values():
             handle.cancel()
         for task in list(self._tasks):
             task.cancel()
         await self.detector.stop()
+
+    # --- connections and the handshake -----------------------------------------
+
+    def accept(self, transport: asyncio.Transport) -> Session:
+        """A new connection.  It gets `handshake_timeout_ms` to finish HELLO (and
+        AUTH); beyond `max_sessions` unfinished handshakes it is closed at once."""
+        session = Session(self, transport)
+        if len(self._handshaking) >= self.config.max_sessions:
+            self.stats.handshakes_refused += 1
+            log.warning("%d connections are still in their handshake: refusing another",
+                        len(self._handshaking))
+            session.closed = True
+            transport.abort()
+            return session
+        self._handshaking.add(session)
+        session.handshake_timer = asyncio.get_running_loop().call_later(
+            self.config.handshake_timeout_ms / 1000.0, self._handshake_expired, session)
+        return session
+
+    def _handshake_expired(self, session: Session) -> None:
+        if session in self._handshaking:
+            self.stats.handshakes_refused += 1
+            log.warning("connection %s: no finished handshake in %d ms, closing",
+                        _peer(session), self.config.handshake_timeout_ms)
+            session.transport.abort()
+
+    def _register(self, session: Session) -> None:
+        """The handshake is over: `session` is served from now on."""
+        self._handshaking.discard(session)
+        if session.handshake_timer is not None:
+            session.handshake_timer.cancel()
+        self.sessions[session.guest_id] = session
+        self.stats.sessions += 1
+        log.info("guest %s connected as %d", session.name, session.guest_id)
+
+    def _hello(self, session: Session, hello: Hello) -> None:
+        cfg = self.config
+        error = 0
+        if hello.version != wire.PROTOCOL_VERSION:
+            error = -errno.EPROTO
+        elif len(self.sessions) >= cfg.max_sessions:
+            error = -errno.EUSERS
+        max_frame = max(wire.MIN_MAX_FRAME, min(cfg.max_frame, hello.max_frame))
+        features = hello.features & wire.SUPPORTED_FEATURES
+        nonce = bytes(wire.NONCE_SIZE)
+        guest_id = 0
+        if error == 0:
+            guest_id = self._next_guest_id
+            self._next_guest_id += 1
+            session.guest_id, session.name = guest_id, hello.name
+            if cfg.token is not None:
+                # The host decides, whatever the guest offered.
+                features |= wire.FEATURE_AUTH
+                nonce = session.host_nonce = auth.new_nonce()
+        session.send(HelloReply(error, wire.PROTOCOL_VERSION, features, cfg.policy,
+                                self.detector.kind, cfg.lease_term_ms, cfg.ttl_ms, max_frame,
+                                guest_id, self.boot_id, nonce))
+        if error:
+            session.transport.close()
+        elif cfg.token is None:
+            self._register(session)
+
+    def _auth(self, session: Session, message: Auth) -> None:
+        """Check the guest's proof; answer with ours, or refuse and close."""
+        token = self.config.token
+        expected = auth.guest_proof(token, session.host_nonce, message.nonce)
+        if not auth.proof_matches(expected, message.proof):
+            self.stats.auth_failures += 1
+            log.warning("connection %s (%s): wrong token, closing", _peer(session),
+                        session.name)
+            session.send(AuthReply(-errno.EACCES))
+            session.transport.close()
+            return
+        if len(self.sessions) >= self.config.max_sessions:
+            session.send(AuthReply(-errno.EUSERS))
+            session.transport.close()
+            return
+        session.send(AuthReply(0, auth.host_proof(token, message.nonce, session.host_nonce)))
+        self._register(session)
 
     # --- bytes in --------------------------------------------------------------
 
@@ -250,39 +343,20 @@ class HostDaemon:
             session.send(HeartbeatReply(event.seq))
         elif isinstance(event, Hello):
             self._hello(session, event)
+        elif isinstance(event, Auth):
+            self._auth(session, event)
 
     def _spawn(self, coro) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _hello(self, session: Session, hello: Hello) -> None:
-        cfg = self.config
-        error = 0
-        if hello.version != wire.PROTOCOL_VERSION:
-            error = -errno.EPROTO
-        elif len(self.sessions) >= cfg.max_sessions:
-            error = -errno.EUSERS
-        max_frame = max(wire.MIN_MAX_FRAME, min(cfg.max_frame, hello.max_frame))
-        guest_id = 0
-        if error == 0:
-            guest_id = self._next_guest_id
-            self._next_guest_id += 1
-            session.guest_id, session.name = guest_id, hello.name
-            self.sessions[guest_id] = session
-            self.stats.sessions += 1
-        session.send(HelloReply(error, wire.PROTOCOL_VERSION,
-                                hello.features & wire.SUPPORTED_FEATURES, cfg.policy,
-                                self.detector.kind, cfg.lease_term_ms, cfg.ttl_ms, max_frame,
-                                guest_id, self.boot_id))
-        if error:
-            session.transport.close()
-        else:
-            log.info("guest %s connected as %d", hello.name, guest_id)
-
     def session_lost(self, session: Session) -> None:
         """A guest went away: its leases, handles and pending ACKs go with it."""
         session.closed = True
+        self._handshaking.discard(session)
+        if session.handshake_timer is not None:
+            session.handshake_timer.cancel()
         if self.sessions.get(session.guest_id) is session:
             del self.sessions[session.guest_id]
             self.leases.drop_holder(session.guest_id)
@@ -596,6 +670,12 @@ class HostDaemon:
 
 
 # --- the handlers, one per opcode ------------------------------------------------------
+
+
+def _peer(session: Session) -> str:
+    """Where a connection comes from, for logs (a Unix socket peer has no name)."""
+    peer = session.transport.get_extra_info("peername")
+    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
 
 
 def _is_dir(st: os.stat_result) -> bool:

@@ -24,6 +24,8 @@ from protocol.messages import (
     Ack,
     Attr,
     AttrOut,
+    Auth,
+    AuthReply,
     Create,
     CreateOut,
     Detector,
@@ -189,14 +191,20 @@ def encode_payload(message: Message) -> tuple[wire.Request, int, bytes]:
             payload = _build(wire.HelloPayload, dataclasses.asdict(message), "HELLO")
             return wire.Request.HELLO, version | wire.FLAG_NEED_REPLY, payload
         case HelloReply():
-            if len(message.boot_id) != 16:
-                raise LocalProtocolError("HelloReply.boot_id must be 16 bytes")
+            if len(message.boot_id) != 16 or len(message.nonce) != wire.NONCE_SIZE:
+                raise LocalProtocolError("HelloReply.boot_id and .nonce must be 16 bytes")
             d = dataclasses.asdict(message)
             d["policy"] = int(message.policy)
             d["detector"] = int(message.detector)
             d["reserved"] = 0
             return wire.Request.HELLO, version | wire.FLAG_REPLY, _build(
                 wire.HelloReplyPayload, d, "HELLO reply")
+        case Auth():
+            return wire.Request.AUTH, version | wire.FLAG_NEED_REPLY, _build(
+                wire.AuthPayload, dataclasses.asdict(message), "AUTH")
+        case AuthReply():
+            return wire.Request.AUTH, version | wire.FLAG_REPLY, _build(
+                wire.AuthReplyPayload, dataclasses.asdict(message), "AUTH reply")
         case FsRequest():
             opcode = message.op.opcode
             cls, schema = REQUEST_BODIES[opcode]
@@ -364,9 +372,16 @@ def decode_payload(request: int, flags: int, payload: bytes,
                 raise RemoteProtocolError(
                     f"malformed HELLO reply: policy {c.policy} / detector {c.detector}") from None
             return HelloReply(c.error, c.version, c.features, policy, detector, c.lease_term_ms,
-                              c.ttl_ms, c.max_frame, c.guest_id, bytes(c.boot_id))
+                              c.ttl_ms, c.max_frame, c.guest_id, bytes(c.boot_id), bytes(c.nonce))
         c = _parse(wire.HelloPayload, payload, "HELLO")
         return Hello(c.version, c.features, c.max_frame, c.name)
+
+    if code == wire.Request.AUTH:
+        if is_reply:
+            c = _parse(wire.AuthReplyPayload, payload, "AUTH reply")
+            return AuthReply(c.error, bytes(c.proof))
+        c = _parse(wire.AuthPayload, payload, "AUTH")
+        return Auth(bytes(c.nonce), bytes(c.proof))
 
     if code == wire.Request.FS:
         return _decode_fs_reply(payload, reply_opcode) if is_reply else _decode_fs_request(flags, payload)

@@ -34,6 +34,8 @@ from protocol import codec, fastcodec, wire
 from protocol.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from protocol.messages import (
     Ack,
+    Auth,
+    AuthReply,
     ConnectionClosed,
     FsReply,
     FsRequest,
@@ -56,6 +58,9 @@ class State(enum.Enum):
     IDLE = "idle"  # nothing exchanged yet
     HELLO_SENT = "hello-sent"  # guest: waiting for the HELLO reply
     HELLO_RECEIVED = "hello-received"  # host: must answer the HELLO
+    AUTHENTICATING = "authenticating"  # after a HELLO reply with FEATURE_AUTH: AUTH is next
+    AUTH_SENT = "auth-sent"  # guest: waiting for the AUTH reply
+    AUTH_RECEIVED = "auth-received"  # host: must answer the AUTH
     READY = "ready"
     CLOSED = "closed"  # orderly end (EOF, or a HELLO refused)
     ERROR = "error"  # a protocol error; only closing is left
@@ -74,9 +79,14 @@ SEND, RECV = "send", "recv"
 
 # (role, state, direction, message type) -> next state.  Anything not listed
 # is out of turn: LocalProtocolError when sent, RemoteProtocolError when received.
+# Two replies can change the course the table gives (see _advance): a HELLO or
+# AUTH reply with an error closes the connection, and a HELLO reply with
+# FEATURE_AUTH leads to AUTHENTICATING instead of READY.
 TRANSITIONS: dict[tuple[Role, State, str, type], State] = {
     (Role.GUEST, State.IDLE, SEND, Hello): State.HELLO_SENT,
     (Role.GUEST, State.HELLO_SENT, RECV, HelloReply): State.READY,
+    (Role.GUEST, State.AUTHENTICATING, SEND, Auth): State.AUTH_SENT,
+    (Role.GUEST, State.AUTH_SENT, RECV, AuthReply): State.READY,
     (Role.GUEST, State.READY, SEND, FsRequest): State.READY,
     (Role.GUEST, State.READY, RECV, FsReply): State.READY,
     (Role.GUEST, State.READY, RECV, Invalidate): State.READY,
@@ -86,6 +96,8 @@ TRANSITIONS: dict[tuple[Role, State, str, type], State] = {
     (Role.GUEST, State.READY, RECV, HeartbeatReply): State.READY,
     (Role.HOST, State.IDLE, RECV, Hello): State.HELLO_RECEIVED,
     (Role.HOST, State.HELLO_RECEIVED, SEND, HelloReply): State.READY,
+    (Role.HOST, State.AUTHENTICATING, RECV, Auth): State.AUTH_RECEIVED,
+    (Role.HOST, State.AUTH_RECEIVED, SEND, AuthReply): State.READY,
     (Role.HOST, State.READY, RECV, FsRequest): State.READY,
     (Role.HOST, State.READY, SEND, FsReply): State.READY,
     (Role.HOST, State.READY, SEND, Invalidate): State.READY,
@@ -400,10 +412,13 @@ class Connection:
 
     def _advance(self, direction: str, message: Message) -> None:
         nxt = self._moves[(direction, type(message))]
+        if type(message) is HelloReply or type(message) is AuthReply:
+            if message.error != 0:
+                nxt = State.CLOSED
+            elif type(message) is HelloReply and message.features & wire.FEATURE_AUTH:
+                nxt = State.AUTHENTICATING
         if nxt is not self._state:
             self.state = nxt
-        if isinstance(message, HelloReply) and message.error != 0:
-            self.state = State.CLOSED
 
     def _fail(self, exc: ProtocolError):
         self.state = State.ERROR

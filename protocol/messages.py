@@ -78,6 +78,27 @@ class HelloReply:
     max_frame: int
     guest_id: int
     boot_id: bytes  # 16 bytes; a new one means "drop every cache"
+    # With FEATURE_AUTH in `features`: the host's 16-byte challenge, and the
+    # connection is not ready until an AUTH exchange succeeds.  Otherwise zeros.
+    nonce: bytes = bytes(16)
+
+
+@dataclass(frozen=True)
+class Auth:
+    """Guest -> host, after a HELLO reply with FEATURE_AUTH: the guest's own
+    16-byte nonce and its proof of the token (protocol/auth.py)."""
+
+    nonce: bytes
+    proof: bytes  # 32 bytes
+
+
+@dataclass(frozen=True)
+class AuthReply:
+    """Host -> guest.  `error` 0 and the host's proof of the token, or -EACCES
+    and zeros (then the host closes)."""
+
+    error: int
+    proof: bytes = bytes(32)
 
 
 # --- attributes and reply bodies -------------------------------------------
@@ -464,6 +485,6 @@ class ConnectionClosed:
 
 
 Message = (
-    Hello | HelloReply | FsRequest | FsReply | Invalidate | InvalEntry | Ack | Heartbeat
+    Hello | HelloReply | Auth | AuthReply | FsRequest | FsReply | Invalidate | InvalEntry | Ack | Heartbeat
     | HeartbeatReply
 )

@@ -10,7 +10,17 @@ from __future__ import annotations
 
 import enum
 
-from construct import Bytes, Int8ul, Int16ul, Int32sl, Int32ul, Int64ul, PascalString, Struct, Terminated
+from construct import (
+    Bytes,
+    Int8ul,
+    Int16ul,
+    Int32sl,
+    Int32ul,
+    Int64ul,
+    PascalString,
+    Struct,
+    Terminated,
+)
 
 PROTOCOL_VERSION = 1
 FLAG_VERSION_MASK = 0x3
@@ -29,6 +39,12 @@ MIN_MAX_FRAME = 8192
 FEATURE_LEASES = 1 << 0
 FEATURE_HEARTBEAT = 1 << 1
 SUPPORTED_FEATURES = FEATURE_LEASES | FEATURE_HEARTBEAT
+# Not negotiated but decided by the host: in a HELLO it says "I have a token",
+# in the HELLO reply "prove it: AUTH comes next" (protocol/auth.py).
+FEATURE_AUTH = 1 << 2
+
+NONCE_SIZE = 16  # random bytes each side contributes to an AUTH exchange
+PROOF_SIZE = 32  # an HMAC-SHA256
 
 
 class Request(enum.IntEnum):
@@ -39,6 +55,7 @@ class Request(enum.IntEnum):
     INVALIDATE = 3
     INVAL_ENTRY = 4
     HEARTBEAT = 5
+    AUTH = 6
 
 
 FrameHeader = Struct("request" / Int32ul, "flags" / Int32ul, "size" / Int32ul)
@@ -63,8 +80,14 @@ HelloReplyPayload = Struct(
     "max_frame" / Int32ul,
     "guest_id" / Int32ul,
     "boot_id" / Bytes(16),
+    "nonce" / Bytes(NONCE_SIZE),  # the host's challenge under FEATURE_AUTH, else zeros
     Terminated,
-)  # 52 bytes
+)  # 68 bytes
+
+# Guest -> host after a HELLO reply with FEATURE_AUTH: the guest's nonce and its proof.
+AuthPayload = Struct("nonce" / Bytes(NONCE_SIZE), "proof" / Bytes(PROOF_SIZE), Terminated)
+# Host -> guest: 0 and the host's proof, or -EACCES and zeros (then the host closes).
+AuthReplyPayload = Struct("error" / Int32sl, "proof" / Bytes(PROOF_SIZE), Terminated)
 
 # Follows the FUSE part of every FS reply: frame size = fuse_out_header.len + 24.
 LeaseTrailer = Struct(

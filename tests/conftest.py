@@ -25,12 +25,12 @@ def export(tmp_path):
 class Child:
     """A child process that speaks JSON lines (scripted guests) or plain lines (the host)."""
 
-    def __init__(self, argv, name):
+    def __init__(self, argv, name, env=None):
         self.name = name
         # Unbuffered: select() on stdout must see every line not read yet (a
         # buffered readline() can swallow lines that arrived together).
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, cwd=ROOT, bufsize=0)
+                                     stderr=subprocess.PIPE, cwd=ROOT, bufsize=0, env=env)
         self.events: list[dict] = []
 
     def line(self, timeout=20.0) -> str:
@@ -76,7 +76,8 @@ class Child:
 @pytest.fixture
 def start_host(tmp_path):
     """start_host(export, *args, address=None) -> (Child, address): a real `cleanlease host`
-    process, listening on a fresh socket or on `address` (to restart a host in place)."""
+    process, listening on a fresh socket or on `address` (to restart a host in place).
+    The address returned is the one the host says it bound (tcp:HOST:0 gets a port)."""
     started = []
 
     def start(export_dir, *args, address=None):
@@ -86,7 +87,7 @@ def start_host(tmp_path):
         started.append(host)
         line = host.line(30)
         assert line.startswith("READY"), line
-        return host, address
+        return host, line.split()[1]
 
     yield start
     for host in started:

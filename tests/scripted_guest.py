@@ -1,6 +1,7 @@
 """A guest process driven line by line, for integration tests.
 
-Run as `python tests/scripted_guest.py unix:PATH NAME`.  Prints
+Run as `python tests/scripted_guest.py ADDRESS NAME` (with $CLEANLEASE_TOKEN for a host
+that asks for one).  Prints {"refused": why} if the host cannot be used; otherwise prints
 {"ready": guest_id} once connected; then reads one JSON command per stdin
 line and prints one JSON result per line.  Invalidations are printed as they
 are applied, with the monotonic time just before the ACK is written:
@@ -16,6 +17,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from guest.client import GuestClient, HostError  # noqa: E402
+from protocol.auth import token_from  # noqa: E402
 
 
 def emit(obj) -> None:
@@ -24,7 +26,12 @@ def emit(obj) -> None:
 
 
 async def main(address: str, name: str) -> None:
-    client = await GuestClient.connect(address, name=name, request_timeout=20)
+    try:
+        client = await GuestClient.connect(address, name=name, request_timeout=20,
+                                           token=token_from(None, None, os.environ))
+    except ConnectionError as exc:
+        emit({"refused": str(exc)})
+        return
 
     def on_invalidate(event):
         name = getattr(event, "name", None)

@@ -15,6 +15,17 @@ import struct
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_protocol import (
+    OP_STRATEGIES,
+    fs_replies,
+    fs_requests,
+    hello_names,
+    hello_replies,
+    inval_entries,
+    invalidates,
+    u32,
+    u64,
+)
 
 from protocol import codec, wire
 from protocol.connection import NEED_DATA, TRANSITIONS, Connection, Role, State
@@ -24,6 +35,8 @@ from protocol.messages import (
     Ack,
     Attr,
     AttrOut,
+    Auth,
+    AuthReply,
     ConnectionClosed,
     Detector,
     EmptyOut,
@@ -44,17 +57,6 @@ from protocol.messages import (
     ReadOut,
     Write,
     WriteOut,
-)
-from test_protocol import (
-    OP_STRATEGIES,
-    fs_replies,
-    fs_requests,
-    hello_names,
-    hello_replies,
-    inval_entries,
-    invalidates,
-    u32,
-    u64,
 )
 
 BOOT = bytes(range(16))
@@ -192,7 +194,77 @@ def test_hello_round_trip(hello_msg, reply):
             host.send(reply)
         return
     deliver(host, guest, reply)
-    assert guest.state is host.state is (State.READY if reply.error == 0 else State.CLOSED)
+    expected = (State.CLOSED if reply.error else State.AUTHENTICATING
+                if reply.features & wire.FEATURE_AUTH else State.READY)
+    assert guest.state is host.state is expected
+
+
+# --- the AUTH exchange (protocol/auth.py makes the proofs; here only the turns) -----------
+
+NONCE, PROOF = bytes(range(16)), bytes(range(32))
+
+
+def auth_hello_reply() -> HelloReply:
+    return HelloReply(0, wire.PROTOCOL_VERSION, wire.SUPPORTED_FEATURES | wire.FEATURE_AUTH,
+                      Policy.CLEAN_LEASE, Detector.NONE, 1000, 1000, 65536, 1, BOOT, NONCE)
+
+
+def authenticating() -> tuple[Connection, Connection]:
+    guest, host = Connection(Role.GUEST), Connection(Role.HOST)
+    deliver(guest, host, hello())
+    deliver(host, guest, auth_hello_reply())
+    assert guest.state is host.state is State.AUTHENTICATING
+    assert guest.max_frame == host.max_frame == 65536
+    return guest, host
+
+
+def test_auth_exchange_then_ready():
+    guest, host = authenticating()
+    deliver(guest, host, Auth(NONCE, PROOF))
+    assert (guest.state, host.state) == (State.AUTH_SENT, State.AUTH_RECEIVED)
+    deliver(host, guest, AuthReply(0, PROOF))
+    assert guest.state is host.state is State.READY
+    deliver(guest, host, FsRequest(1, 1, Getattr()))
+
+
+def test_refused_auth_closes_both_ends():
+    guest, host = authenticating()
+    deliver(guest, host, Auth(NONCE, PROOF))
+    deliver(host, guest, AuthReply(-errno.EACCES))
+    assert guest.state is host.state is State.CLOSED
+    with pytest.raises(LocalProtocolError):
+        guest.send(FsRequest(1, 1, Getattr()))
+
+
+def test_nothing_is_served_before_auth():
+    """Until the AUTH reply, the only frames in turn are AUTH and its reply: an FS
+    request or a heartbeat from an unauthenticated peer is fatal, and neither end
+    can send one."""
+    for raw in (fs_frame(3, bytes(16)), frame(5, 0x9, bytes(8)),
+                frame(3, 0x5, bytes(8)), frame(1, 0x9, codec.encode_payload(hello())[2])):
+        _, host = authenticating()
+        expect_remote_error(host, raw, "in state authenticating")
+    guest, host = authenticating()
+    deliver(guest, host, Auth(NONCE, PROOF))
+    expect_remote_error(host, fs_frame(3, bytes(16)), "in state auth-received")
+    guest, host = authenticating()
+    with pytest.raises(LocalProtocolError, match="cannot send FsRequest in state authenticating"):
+        guest.send(FsRequest(1, 1, Getattr()))
+    with pytest.raises(LocalProtocolError, match="cannot send Invalidate in state authenticating"):
+        host.send(Invalidate(1, 1, 0, 0, 1))
+    with pytest.raises(LocalProtocolError, match="cannot send AuthReply in state authenticating"):
+        host.send(AuthReply(0, PROOF))
+    deliver(guest, host, Auth(NONCE, PROOF))
+    with pytest.raises(LocalProtocolError, match="cannot send Auth in state auth-sent"):
+        guest.send(Auth(NONCE, PROOF))
+    expect_remote_error(guest, frame(6, 0x9, NONCE + PROOF), "guest cannot recv Auth")
+
+
+def test_auth_out_of_turn_without_feature_auth():
+    guest, host = pair()
+    with pytest.raises(LocalProtocolError, match="cannot send Auth in state ready"):
+        guest.send(Auth(NONCE, PROOF))
+    expect_remote_error(host, frame(6, 0x9, NONCE + PROOF), "cannot recv Auth in state ready")
 
 
 @SETTINGS
@@ -372,7 +444,7 @@ def test_frame_of_exactly_max_frame_is_buffered():
 
 @pytest.mark.parametrize("raw,match", [
     (frame(0, 0x9, b""), "unknown request code"),
-    (frame(6, 0x9, bytes(8)), "unknown request code"),
+    (frame(7, 0x9, bytes(8)), "unknown request code"),
     (frame(5, 0x19, bytes(8)), "unknown flag bits"),
     (frame(5, 0x80000009, bytes(8)), "unknown flag bits"),
     (frame(5, 0xA, bytes(8)), "version"),
@@ -697,11 +769,17 @@ def test_fuzz_mutated_frames(role, data, eof):
 
 
 @pytest.mark.parametrize("role", list(Role), ids=lambda r: r.value)
-@pytest.mark.parametrize("start", ["idle", "ready"])
+@pytest.mark.parametrize("start", ["idle", "authenticating", "ready"])
 @settings(max_examples=150, deadline=None)
 @given(raw=st.binary(max_size=300), eof=st.booleans())
 def test_fuzz_random_bytes(role, start, raw, eof):
-    conn = ready(role) if start == "ready" else Connection(role)
+    if start == "authenticating":
+        guest, host = authenticating()
+        conn = host if role is Role.HOST else guest
+        if role is Role.GUEST:
+            guest.send(Auth(NONCE, PROOF))
+    else:
+        conn = ready(role) if start == "ready" else Connection(role)
     consume(conn, raw, eof)
 
 

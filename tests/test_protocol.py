@@ -24,6 +24,8 @@ from protocol.messages import (
     Ack,
     Attr,
     AttrOut,
+    Auth,
+    AuthReply,
     Create,
     CreateOut,
     Detector,
@@ -149,7 +151,14 @@ def hello_replies(max_frames=st.integers(wire.MIN_MAX_FRAME, wire.ABSOLUTE_MAX_F
     return st.builds(HelloReply, error=st.one_of(st.just(0), errnos), version=u32, features=u64,
                      policy=st.sampled_from(Policy), detector=st.sampled_from(Detector),
                      lease_term_ms=u32, ttl_ms=u32, max_frame=max_frames, guest_id=u32,
-                     boot_id=st.binary(min_size=16, max_size=16))
+                     boot_id=st.binary(min_size=16, max_size=16),
+                     nonce=st.binary(min_size=16, max_size=16))
+
+
+auths = st.builds(Auth, nonce=st.binary(min_size=16, max_size=16),
+                  proof=st.binary(min_size=32, max_size=32))
+auth_replies = st.builds(AuthReply, error=st.one_of(st.just(0), errnos),
+                         proof=st.binary(min_size=32, max_size=32))
 
 
 invalidates = st.builds(Invalidate, seq=u64, ino=u64, offset=s64, length=s64, generation=u64)
@@ -210,6 +219,12 @@ def test_hello_round_trip(msg):
 @given(hello_replies(max_frames=u32))
 def test_hello_reply_round_trip(msg):
     assert decode(encode(msg)) == msg
+
+
+@given(auths, auth_replies)
+def test_auth_round_trip(request, reply):
+    assert decode(encode(request)) == request
+    assert decode(encode(reply)) == reply
 
 
 @pytest.mark.parametrize("opcode", list(OP_STRATEGIES), ids=lambda o: o.name)
@@ -274,8 +289,9 @@ def test_golden_frame_header_constants():
     assert wire.ABSOLUTE_MAX_FRAME == 16 << 20
     assert wire.MIN_MAX_FRAME == 8192
     assert (wire.FLAG_VERSION_MASK, wire.FLAG_REPLY, wire.FLAG_NEED_REPLY) == (3, 4, 8)
-    assert (wire.FEATURE_LEASES, wire.FEATURE_HEARTBEAT) == (1, 2)
-    assert [int(r) for r in wire.Request] == [1, 2, 3, 4, 5]
+    assert (wire.FEATURE_LEASES, wire.FEATURE_HEARTBEAT, wire.FEATURE_AUTH) == (1, 2, 4)
+    assert [int(r) for r in wire.Request] == [1, 2, 3, 4, 5, 6]
+    assert (wire.NONCE_SIZE, wire.PROOF_SIZE) == (16, 32)
     assert (LEASE_GRANTED, LEASE_FIRST_DIRTY) == (1, 2)
     assert (int(fuse.NotifyCode.INVAL_INODE), int(fuse.NotifyCode.INVAL_ENTRY)) == (2, 3)
 
@@ -296,7 +312,7 @@ def test_golden_hello_reply():
                      detector=Detector.FANOTIFY, lease_term_ms=1000, ttl_ms=1000,
                      max_frame=65536, guest_id=7, boot_id=BOOT)
     assert encode(msg) == h(
-        "01000000 05000000 34000000"  # HELLO, v1|REPLY, 52 bytes
+        "01000000 05000000 44000000"  # HELLO, v1|REPLY, 68 bytes
         "00000000"  # error
         "01000000"  # version
         "0300000000000000"  # features
@@ -306,7 +322,31 @@ def test_golden_hello_reply():
         "00000100"  # max_frame 65536
         "07000000"  # guest_id
         "000102030405060708090a0b0c0d0e0f"  # boot_id
+        "00000000000000000000000000000000"  # nonce: none without FEATURE_AUTH
     )
+
+
+HOST_NONCE = bytes(range(0x10, 0x20))
+GUEST_NONCE = bytes(range(0x20, 0x30))
+PROOF = bytes(range(0x40, 0x60))
+
+
+def test_golden_auth_exchange():
+    reply = HelloReply(0, 1, 7, Policy.CLEAN_LEASE, Detector.FANOTIFY, 1000, 1000, 65536, 7,
+                       BOOT, HOST_NONCE)
+    assert encode(reply)[12 + 8:12 + 16] == h("0700000000000000")  # LEASES|HEARTBEAT|AUTH
+    assert encode(reply)[-16:] == HOST_NONCE
+    assert encode(Auth(GUEST_NONCE, PROOF)) == h(
+        "06000000 09000000 30000000"  # AUTH, v1|NEED_REPLY, 48 bytes
+        "202122232425262728292a2b2c2d2e2f"  # the guest's nonce
+        "404142434445464748494a4b4c4d4e4f505152535455565758595a5b5c5d5e5f"  # its proof
+    )
+    assert encode(AuthReply(0, PROOF)) == h(
+        "06000000 05000000 24000000"  # AUTH, v1|REPLY, 36 bytes
+        "00000000"  # error
+        "404142434445464748494a4b4c4d4e4f505152535455565758595a5b5c5d5e5f"  # the host's proof
+    )
+    assert encode(AuthReply(-errno.EACCES)) == h("06000000 05000000 24000000 f3ffffff") + bytes(32)
 
 
 def test_golden_lookup_request():
@@ -512,7 +552,7 @@ def test_reply_and_need_reply_both_set():
         decode_raw(frame(5, 0x1 | 0x4 | 0x8, HB))
 
 
-@pytest.mark.parametrize("code", [0, 6, 7, 0xFFFF, 0xFFFF_FFFF])
+@pytest.mark.parametrize("code", [0, 7, 8, 0xFFFF, 0xFFFF_FFFF])
 def test_unknown_request_code(code):
     with pytest.raises(RemoteProtocolError, match="unknown request code"):
         decode_raw(frame(code, 0x9, HB))
@@ -658,6 +698,12 @@ def test_small_payloads():
         decode_raw(frame(1, 0x9, h("01000000 0000000000000000 00001000 05 6162")))
     with pytest.raises(RemoteProtocolError, match="HELLO"):
         decode_raw(frame(1, 0x9, h("01000000 0000000000000000 00001000 02 ff fe")))  # not UTF-8
+    for message in (Auth(GUEST_NONCE, PROOF), AuthReply(0, PROOF)):
+        raw = encode(message)
+        for bad in (raw[:-1], raw + b"\0"):
+            bad = bad[:8] + struct.pack("<I", len(bad) - 12) + bad[12:]
+            with pytest.raises(RemoteProtocolError, match="malformed AUTH"):
+                decode_raw(bad)
     reply = encode(HelloReply(0, 1, 0, Policy.NEVER, Detector.NONE, 0, 0, 8192, 1, BOOT))
     with pytest.raises(RemoteProtocolError, match="HELLO reply"):
         decode_raw(reply[:-1])
@@ -697,6 +743,11 @@ def test_encoding_errors_are_local():
         Hello(1, 0, 8192, "x" * 256),
         Hello(1, 0, -1, "x"),
         HelloReply(0, 1, 0, Policy.NEVER, Detector.NONE, 0, 0, 8192, 1, b"short"),
+        HelloReply(0, 1, 0, Policy.NEVER, Detector.NONE, 0, 0, 8192, 1, BOOT, b"short"),
+        Auth(b"short", PROOF),
+        Auth(GUEST_NONCE, b"short"),
+        AuthReply(0, b"short"),
+        AuthReply(-(1 << 31) - 1, PROOF),
         InvalEntry(1, 1, b"a\0", 0),
         Invalidate(1, 1, 1 << 63, 0, 0),
         Heartbeat(-1),
@@ -718,7 +769,7 @@ def test_no_lease_is_all_zero():
 
 
 @settings(max_examples=300)
-@given(request=st.one_of(st.integers(1, 5), u32), flags=st.one_of(st.sampled_from(
+@given(request=st.one_of(st.integers(1, 6), u32), flags=st.one_of(st.sampled_from(
     [0x1, 0x5, 0x9]), u32), payload=st.binary(max_size=200), opcode=st.sampled_from(
     list(codec.REPLY_BODIES)))
 def test_decode_payload_random(request, flags, payload, opcode):
@@ -760,6 +811,8 @@ def test_docs_protocol_md_examples_are_exact():
         encode(Hello(1, 3, 1 << 20, "g1")),
         encode(HelloReply(0, 1, 3, Policy.CLEAN_LEASE, Detector.FANOTIFY, 1000, 1000, 65536, 7,
                           BOOT)),
+        encode(Auth(GUEST_NONCE, PROOF)),
+        encode(AuthReply(0, PROOF)),
         encode(FsRequest(7, 1, Lookup(b"foo"), uid=1000, gid=1000, pid=42)),
         encode(FsRequest(8, 5, Write(fh=3, offset=4096, data=b"hi"))),
         encode(FsRequest(0, 5, Forget(2))),

@@ -99,7 +99,8 @@ def _log_read(log: LogWriter, actor: str, op_no: int, file_id: int, first_block:
 async def run_guest(args, workload: Workload) -> int:
     actor = _actor(workload, args.actor)
     ops = workload.schedule(actor, args.seed, args.duration)
-    client = await GuestClient.connect(args.connect, name=actor.name, cache_bytes=args.cache_bytes)
+    client = await GuestClient.connect(args.connect, name=actor.name, cache_bytes=args.cache_bytes,
+                                       token=args.token)
     # Fault injection (`cleanlease chaos`): SIGUSR1 cuts this guest's connection.
     asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, client.cut_connection)
     await client.lease_root()

@@ -16,6 +16,8 @@ inode only while it is clean on the host.  The first dirtying write recalls
 every guest's copy before it lands; leases come back once the inode is flushed.
 
   cleanlease host --export DIR --listen unix:/tmp/cl.sock
+  cleanlease token cl.token
+  cleanlease host --export DIR --listen tcp::7070 --token-file cl.token
   cleanlease simulate --workload read-mostly --guests 3 --duration 5
   cleanlease simulate --workload host-edit --policies all --plot out.png
 """
@@ -87,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "prints 'READY MNT ...'.  With --actor, --log and --stats: run that "
                             "actor's operations as system calls on files under MNT, then "
                             "unmount (what simulate --mount starts; docs/mount.md)")
+    guest.add_argument("--token-file", metavar="FILE",
+                       help="prove to the host that we know the token in FILE, and make the "
+                            "host prove it too (a host over tcp: always asks).  Default: "
+                            "$CLEANLEASE_TOKEN, if set")
+    guest.add_argument("--token", metavar="TOKEN",
+                       help="the token itself (visible in `ps`; prefer --token-file)")
     guest.add_argument("--cache-bytes", type=int, default=64 << 20,
                        help="page cache size (default: %(default)s)")
     _workload_arguments(guest)
@@ -103,6 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
     _workload_arguments(writer)
     _loop_argument(writer)
     writer.set_defaults(func=_writer)
+
+    token = sub.add_parser("token", help="make a new random token for --token-file",
+                           description="Make 32 random bytes, as hex: a token for `cleanlease "
+                                       "host --token-file` and its guests.  Whoever has it may "
+                                       "use the export.")
+    token.add_argument("file", nargs="?", metavar="FILE",
+                       help="create FILE (mode 600, never overwritten) and write the token "
+                            "there; without FILE, print it")
+    token.set_defaults(func=_token)
 
     sim = sub.add_parser("simulate", help="run a workload with real processes and report",
                          description="Start a host, guest processes and host-local writers "
@@ -217,7 +234,36 @@ def _make_workload(args):
         raise SystemExit(f"cleanlease: {exc}")
 
 
+def _token(args) -> int:
+    from protocol.auth import new_token
+
+    if args.file is None:
+        print(new_token())
+        return 0
+    try:
+        fd = os.open(args.file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as exc:
+        raise SystemExit(f"cleanlease token: cannot create {args.file}: {exc.strerror} "
+                         f"(an existing token file is never overwritten)")
+    with os.fdopen(fd, "w") as f:
+        f.write(new_token() + "\n")
+    print(f"cleanlease token: wrote a new token to {args.file} (mode 600)", file=sys.stderr)
+    return 0
+
+
+def _resolve_guest_token(args) -> None:
+    """args.token becomes the token's bytes (or None), from --token, --token-file or
+    $CLEANLEASE_TOKEN; exits with the reason if it cannot be used."""
+    from protocol.auth import TokenError, token_from
+
+    try:
+        args.token = token_from(args.token, args.token_file, os.environ)
+    except TokenError as exc:
+        raise SystemExit(f"cleanlease guest: {exc}")
+
+
 def _guest(args) -> int:
+    _resolve_guest_token(args)
     if args.mount and args.log is None:
         return _guest_mount(args)
     missing = [f"--{name}" for name in ("actor", "log", "stats") if getattr(args, name) is None]
@@ -259,7 +305,7 @@ def _guest_mount(args) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="guest %(levelname)s %(message)s")
     return run_loop(run_mount(args.connect, args.mount, name=args.actor or "mount",
-                              stats_path=args.stats), args.loop)
+                              stats_path=args.stats, token=args.token), args.loop)
 
 
 def _writer(args) -> int:

@@ -336,7 +336,8 @@ async def run_mount_actor(args, workload: Workload) -> int:
     actor = _actor(workload, args.actor)
     mountpoint = args.mount
     os.makedirs(mountpoint, exist_ok=True)
-    client = await MountClient.connect(args.connect, name=actor.name, reconnect=False)
+    client = await MountClient.connect(args.connect, name=actor.name, reconnect=False,
+                                       token=args.token)
     mount = GuestMount(client, mountpoint)
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

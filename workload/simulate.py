@@ -191,7 +191,8 @@ class Simulation:
                      "--loop", o.loop),
             os.path.join(self.run_dir, f"host{self.hosts}.err"), stdin=False)
         ready = self.host.wait_for_line("READY", 30)
-        self.detector = ready.rpartition("detector=")[2] or "none"
+        said = dict(word.split("=", 1) for word in ready.split() if "=" in word)
+        self.detector = said.get("detector", "none")
         return self.host
 
     def start(self) -> None:
