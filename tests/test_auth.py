@@ -13,6 +13,7 @@ import errno
 import hashlib
 import hmac
 import os
+import signal
 import socket
 import struct
 import subprocess
@@ -173,6 +174,24 @@ def test_right_token_is_served_wrong_or_none_is_refused(tcp_host):
     counters = json.loads(stats.read_text())
     assert counters["auth_failures"] == 1  # the wrong token; no token never sent AUTH
     assert counters["sessions"] == 1
+
+
+def test_a_guest_authenticates_again_after_the_host_restarts(export, start_host, token_file,
+                                                            tcp_host):
+    host, name, port, _ = tcp_host
+    guest = _guest(f"tcp:{name}:{port}", "g", TOKEN)
+    try:
+        assert "ready" in guest.result(30)
+        assert _read_data(guest) == "the export's bytes"
+        host.proc.send_signal(signal.SIGKILL)
+        host.proc.wait(10)
+        (export / "data").write_bytes(b"written while it was down")
+        start_host(export, "--token-file", str(token_file), address=f"tcp:{name}:{port}")
+        r = guest.do(op="read", path="data", size=100)
+        assert (r["data"], r["hit"]) == ("written while it was down", False)
+        assert guest.do(op="stats")["sessions"] == 2
+    finally:
+        guest.stop()
 
 
 class Relay:
