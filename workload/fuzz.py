@@ -67,6 +67,7 @@ def fatal(rng: random.Random) -> bytes:
         struct.pack("<III", wire.Request.FS, 1 | wire.FLAG_NEED_REPLY, 1 << 30),  # oversize
         struct.pack("<III", 77, 1, 0),  # unknown request code
         struct.pack("<III", wire.Request.HELLO, 1 | wire.FLAG_NEED_REPLY, 0),  # HELLO again, empty
+        frame(wire.Request.AUTH, 1 | wire.FLAG_NEED_REPLY, os.urandom(48)),  # AUTH, not asked for
         os.urandom(64),
     ])
 
