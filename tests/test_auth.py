@@ -152,6 +152,15 @@ def _read_data(guest: Child) -> str:
     return guest.do(op="read", path="data", size=100)["data"]
 
 
+def _a_guest_with_the_token_reads(address: str) -> None:
+    guest = _guest(address, "g", TOKEN)
+    try:
+        assert "ready" in guest.result(30)
+        assert _read_data(guest) == "the export's bytes"
+    finally:
+        guest.stop()
+
+
 def test_right_token_is_served_wrong_or_none_is_refused(tcp_host):
     host, name, port, stats = tcp_host
     address = f"tcp:{name}:{port}"
@@ -245,12 +254,7 @@ def _frames(stream: bytes) -> list[tuple[int, int, bytes]]:
 def test_the_token_never_travels_and_a_recorded_auth_cannot_be_replayed(tcp_host):
     _, name, port, _ = tcp_host
     relay = Relay(name, port)
-    guest = _guest(f"tcp:127.0.0.1:{relay.port}", "g", TOKEN)
-    try:
-        assert "ready" in guest.result(30)
-        assert _read_data(guest) == "the export's bytes"
-    finally:
-        guest.stop()
+    _a_guest_with_the_token_reads(f"tcp:127.0.0.1:{relay.port}")
     relay.thread.join(10)
     sent, received = bytes(relay.to_host), bytes(relay.to_guest)
     # The exchange happened on this wire (or this test proves nothing) ...
@@ -263,14 +267,11 @@ def test_the_token_never_travels_and_a_recorded_auth_cannot_be_replayed(tcp_host
         assert form not in sent and form not in received
     # A recorded AUTH frame answers an old challenge: replayed, it is refused.
     conn, sock = _raw_hello(name, port)
-    reply = _raw_exchange(conn, sock, Auth(*_split_auth(auth_frames[0][2])))
+    recorded = auth_frames[0][2]
+    reply = _raw_exchange(conn, sock, Auth(recorded[:16], recorded[16:]))
     assert reply == AuthReply(-errno.EACCES)
     assert sock.recv(1) == b""  # and the host closed
     sock.close()
-
-
-def _split_auth(payload: bytes) -> tuple[bytes, bytes]:
-    return payload[:16], payload[16:]
 
 
 def _raw_hello(name: str, port: int) -> tuple[Connection, socket.socket]:
@@ -315,12 +316,7 @@ def test_a_silent_peer_is_closed_after_the_handshake_timeout(tcp_host):
     _, name, port, _ = tcp_host
     silent = [socket.create_connection((name, port), timeout=30) for _ in range(3)]
     _, sock = _raw_hello(name, port)
-    guest = _guest(f"tcp:{name}:{port}", "g", TOKEN)
-    try:
-        assert "ready" in guest.result(30)
-        assert _read_data(guest) == "the export's bytes"
-    finally:
-        guest.stop()
+    _a_guest_with_the_token_reads(f"tcp:{name}:{port}")
     for peer in [*silent, sock]:
         assert peer.recv(1) == b""  # closed by the host (the 30 s timeout would raise)
         peer.close()
