@@ -5,6 +5,8 @@ from __future__ import annotations
 import signal
 import time
 
+import pytest
+
 
 def _lease(guest, path):
     guest.do(op="open", path=path)
@@ -73,16 +75,20 @@ def test_host_restart_guests_reconnect_drop_caches_and_reopen(export, start_host
     assert stats["sessions"] == 2 and stats["boot_ids"] == 2
 
 
-def test_a_short_chaos_run_keeps_every_promise(tmp_path):
+@pytest.mark.parametrize("transport", [[], ["--tcp"]], ids=["unix", "tcp-with-token"])
+def test_a_short_chaos_run_keeps_every_promise(tmp_path, transport):
     """Seeded faults (stops, cuts, a host restart, fuzzing) during a real simulation:
-    no stale read, no lost write, no daemon crash, writers stall within the bound."""
+    no stale read, no lost write, no daemon crash, writers stall within the bound.
+    Over TCP every reconnection authenticates again, and the fuzzer has no token."""
+    import re
     import subprocess
     import sys
 
     proc = subprocess.run(
         [sys.executable, "-m", "workload.cli", "chaos", "--duration", "6", "--seed", "3",
-         "--mean-gap", "0.5", "--workdir", str(tmp_path)],
+         "--mean-gap", "0.5", "--workdir", str(tmp_path), *transport],
         capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "all promises held" in proc.stdout
-    assert "faults injected: restart-host" in proc.stdout
+    for fault in ("stop-guest", "cut-connection", "restart-host", "fuzz"):
+        assert int(re.search(rf"faults injected: {fault}\D+(\d+)", proc.stdout)[1]) >= 1

@@ -146,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="run each guest actor through its own FUSE mount (root, /dev/fuse): "
                           "the workload's operations become system calls on the mount, and "
                           "hits are reads the kernel served without a READ (docs/mount.md)")
+    sim.add_argument("--tcp", action="store_true",
+                     help="connect guests over loopback TCP with a fresh token (the token "
+                          "exchange of docs/protocol.md, section 3a) instead of a Unix socket")
     _loop_argument(sim)
     sim.set_defaults(func=_simulate)
     chaos = sub.add_parser("chaos", help="seeded fault injection against a real simulation",
@@ -165,6 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
     chaos.add_argument("--ack-timeout", type=int, default=300, metavar="MS")
     chaos.add_argument("--workdir", default=None)
     chaos.add_argument("--keep", action="store_true")
+    chaos.add_argument("--tcp", action="store_true",
+                       help="guests over loopback TCP with a token: every reconnect and host "
+                            "restart runs the token exchange again, and the fuzzer is a peer "
+                            "without the token")
     chaos.set_defaults(func=_chaos)
 
     res = sub.add_parser("results", help="regenerate docs/results.md (all workloads x policies)",
@@ -335,7 +342,7 @@ def _simulate(args) -> int:
                       duration=args.duration, seed=args.seed, cache_bytes=args.cache_bytes,
                       lease_term_ms=args.lease_term, ack_timeout_ms=args.ack_timeout,
                       clean_after_ms=args.clean_after, detector=args.detector, loop=args.loop,
-                      trace=args.trace, keep=args.keep, mount=args.mount)
+                      trace=args.trace, keep=args.keep, mount=args.mount, tcp=args.tcp)
     if args.mount:
         from guest.fuse_device import unavailable_reason
 

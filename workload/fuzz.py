@@ -84,10 +84,15 @@ def connection_frames(rng: random.Random, names: tuple[bytes, ...] = ()) -> list
 
 
 def send_connection(address: str, frames: list[bytes], timeout: float = 10.0) -> None:
-    """Connect to a unix: address, say HELLO, send `frames`, read until the daemon closes."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
-    sock.connect(parse_address(address).path)
+    """Connect, say HELLO, send `frames`, read until the daemon closes.  (A daemon
+    with a token closes at the first frame that is not AUTH.)"""
+    where = parse_address(address)
+    if where.kind == "unix":
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        sock.connect(where.path)
+    else:
+        sock = socket.create_connection((where.host, where.port), timeout=timeout)
     try:
         sock.sendall(hello_bytes() + b"".join(frames))
         sock.shutdown(socket.SHUT_WR)

@@ -22,6 +22,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
+from protocol.auth import new_token
 from workload import stamp as stamps
 from workload.checker import check
 from workload.oplog import read_logs
@@ -50,6 +51,7 @@ class SimOptions:
     workdir: str | None = None  # where exports and logs go (a real file system)
     keep: bool = False
     mount: bool = False  # each guest actor through its own FUSE mount (workload/mount_agent.py)
+    tcp: bool = False  # loopback TCP with a token (protocol/auth.py) instead of a Unix socket
 
 
 @dataclass
@@ -166,6 +168,14 @@ class Simulation:
         os.mkdir(self.export)
         populate(self.export, workload)
         self.address = f"unix:{os.path.join(self.run_dir, 'host.sock')}"
+        self.token_args: list[str] = []
+        if opts.tcp:
+            # Port 0 the first time; a restarted host takes the port the first one bound.
+            self.address = "tcp:127.0.0.1:0"
+            token_file = os.path.join(self.run_dir, "token")
+            with open(os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+                f.write(new_token())
+            self.token_args = ["--token-file", token_file]
         self.host: ChildProcess | None = None
         self.hosts = 0
         self.detector = "none"
@@ -188,9 +198,10 @@ class Simulation:
                      "--policy", self.policy, "--stats", self._host_stats(self.hosts),
                      "--lease-term", str(o.lease_term_ms), "--ack-timeout", str(o.ack_timeout_ms),
                      "--clean-after", str(o.clean_after_ms), "--detector", o.detector,
-                     "--loop", o.loop),
+                     "--loop", o.loop, *self.token_args),
             os.path.join(self.run_dir, f"host{self.hosts}.err"), stdin=False)
         ready = self.host.wait_for_line("READY", 30)
+        self.address = ready.split()[1]
         said = dict(word.split("=", 1) for word in ready.split() if "=" in word)
         self.detector = said.get("detector", "none")
         return self.host
@@ -218,8 +229,8 @@ class Simulation:
                     os.mkdir(mountpoint)
                     self.mountpoints[actor.name] = mountpoint
                     mount = ["--mount", mountpoint]
-                argv = _command("guest", "--connect", self.address, *mount, "--actor", actor.name,
-                                "--log", log, "--stats", stats,
+                argv = _command("guest", "--connect", self.address, *self.token_args, *mount,
+                                "--actor", actor.name, "--log", log, "--stats", stats,
                                 "--cache-bytes", str(o.cache_bytes), *workload_args)
             self.procs.append(ChildProcess(actor.name, argv,
                                            os.path.join(self.run_dir, f"{actor.name}.err"),
