@@ -280,10 +280,11 @@ class GuestClient:
         session.auth_future = asyncio.get_running_loop().create_future()
         session.send(Auth(guest_nonce, auth.guest_proof(self.token, reply.nonce, guest_nonce)))
         answer: AuthReply = await asyncio.wait_for(session.auth_future, self.request_timeout)
-        if answer.error:
+        if answer.error == -errno.EACCES:
             raise AuthenticationFailed(
-                f"the host at {self.address} refused our token ({os.strerror(-answer.error)}): "
-                f"it has another")
+                f"the host at {self.address} refused our token: it has another")
+        if answer.error:
+            raise ConnectionError(f"host refused the session: {os.strerror(-answer.error)}")
         if not auth.proof_matches(auth.host_proof(self.token, guest_nonce, reply.nonce),
                                   answer.proof):
             raise AuthenticationFailed(

@@ -203,6 +203,28 @@ def test_a_guest_authenticates_again_after_the_host_restarts(export, start_host,
         guest.stop()
 
 
+def test_a_guest_gives_up_at_once_when_a_restarted_host_has_another_token(
+        export, start_host, tcp_host, tmp_path):
+    host, name, port, _ = tcp_host
+    guest = _guest(f"tcp:{name}:{port}", "g", TOKEN)
+    try:
+        assert "ready" in guest.result(30)
+        guest.do(op="open", path="data")
+        host.proc.send_signal(signal.SIGKILL)
+        host.proc.wait(10)
+        other = tmp_path / "other.token"
+        other.write_text(auth.new_token())
+        other.chmod(0o600)
+        start_host(export, "--token-file", str(other), address=f"tcp:{name}:{port}")
+        guest.proc.stdin.write(b'{"op": "read", "path": "data", "size": 100}\n')
+        guest.proc.stdin.flush()
+        # Well before the client's 30 s of reconnection attempts would run out.
+        result = guest.result(10)
+        assert result["ok"] is False and "refused our token" in result["error"]
+    finally:
+        guest.stop()
+
+
 class Relay:
     """A TCP relay between one guest and the host that keeps every byte, both ways."""
 
@@ -326,11 +348,11 @@ def test_a_silent_peer_is_closed_after_the_handshake_timeout(tcp_host):
 
 
 class _FakeHost(asyncio.Protocol):
-    """Asks for AUTH but cannot prove it knows the token (answers with zeros), or
-    does not ask at all."""
+    """Asks for AUTH (or not) and answers it with `answer`: a host that cannot prove
+    it knows the token, or one that refuses for another reason."""
 
-    def __init__(self, ask: bool):
-        self.ask = ask
+    def __init__(self, ask: bool, answer: AuthReply):
+        self.ask, self.answer = ask, answer
         self.conn = Connection(Role.HOST)
 
     def connection_made(self, transport):
@@ -345,16 +367,25 @@ class _FakeHost(asyncio.Protocol):
                     0, 1, features, Policy.NEVER, Detector.NONE, 1000, 1000, 65536, 1,
                     bytes(16), os.urandom(16))))
             elif isinstance(event, Auth):
-                self.transport.write(self.conn.send(AuthReply(0, bytes(32))))
+                self.transport.write(self.conn.send(self.answer))
 
 
-@pytest.mark.parametrize("ask,why", [(True, "could not prove"), (False, "did not ask")])
-async def test_guest_refuses_a_host_that_cannot_prove_the_token(tmp_path, ask, why):
+@pytest.mark.parametrize("ask,answer,error,why", [
+    (True, AuthReply(0, bytes(32)), AuthenticationFailed, "could not prove"),
+    (False, None, AuthenticationFailed, "did not ask"),
+    (True, AuthReply(-errno.EACCES), AuthenticationFailed, "refused our token"),
+    (True, AuthReply(-errno.EUSERS), ConnectionError, "Too many users"),
+])
+async def test_guest_refuses_a_host_that_cannot_prove_the_token(tmp_path, ask, answer, error,
+                                                                why):
     path = str(tmp_path / "fake.sock")
-    server = await asyncio.get_running_loop().create_unix_server(lambda: _FakeHost(ask), path)
+    server = await asyncio.get_running_loop().create_unix_server(
+        lambda: _FakeHost(ask, answer), path)
     try:
-        with pytest.raises(AuthenticationFailed, match=why):
+        with pytest.raises(error, match=why) as info:
             await GuestClient.connect(f"unix:{path}", token=TOKEN.encode(), request_timeout=10,
                                       reconnect=False)
+        # Only a token problem is final; a full host may take us later.
+        assert isinstance(info.value, AuthenticationFailed) == (error is AuthenticationFailed)
     finally:
         server.close()
