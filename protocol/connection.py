@@ -310,6 +310,10 @@ class Connection:
         if size > self.max_frame:
             self._fail(RemoteProtocolError(
                 f"frame header: size {size} exceeds the maximum frame {self.max_frame}"))
+        if size > wire.HANDSHAKE_MAX_FRAME and self._state is not State.READY:
+            self._fail(RemoteProtocolError(
+                f"frame header: size {size} exceeds {wire.HANDSHAKE_MAX_FRAME}, the maximum "
+                f"before the handshake is over (state {self._state.value})"))
         if buffered < _HEADER_SIZE + size:
             return self._at_end_of_data(buffered, _HEADER_SIZE + size)
         start = pos + _HEADER_SIZE

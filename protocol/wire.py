@@ -34,6 +34,10 @@ DEFAULT_MAX_FRAME = 1 << 20
 # Neither side may negotiate more: it bounds what a peer can make us buffer.
 ABSOLUTE_MAX_FRAME = 16 << 20
 MIN_MAX_FRAME = 8192
+# Until the handshake is over (HELLO, and AUTH if asked) no frame needs more
+# (the largest, a HELLO with a 255-byte name, is 272 bytes): a peer that has
+# proved nothing cannot make us buffer more than this per connection.
+HANDSHAKE_MAX_FRAME = 1024
 
 # Feature bits negotiated in HELLO (the intersection of both sides' sets).
 FEATURE_LEASES = 1 << 0

@@ -260,6 +260,26 @@ def test_nothing_is_served_before_auth():
     expect_remote_error(guest, frame(6, 0x9, NONCE + PROOF), "guest cannot recv Auth")
 
 
+@pytest.mark.parametrize("stage", ["idle", "authenticating", "auth-sent"])
+def test_frames_before_the_handshake_is_over_are_small(stage):
+    """A peer that has proved nothing cannot make us buffer more than
+    HANDSHAKE_MAX_FRAME: refused on the header, before the payload arrives."""
+    limit = wire.HANDSHAKE_MAX_FRAME
+    if stage == "idle":
+        conn = Connection(Role.HOST)
+    else:
+        guest, host = authenticating()
+        conn = host
+        if stage == "auth-sent":
+            guest.send(Auth(NONCE, PROOF))
+            conn = guest
+    expect_remote_error(conn, struct.pack("<III", 2, 0x9, limit + 1), "before the handshake")
+    fresh = Connection(Role.HOST)
+    fresh.receive_data(struct.pack("<III", 1, 0x9, limit))
+    assert fresh.next_event() is NEED_DATA  # at the limit: buffered, judged when complete
+    assert limit >= len(codec.encode_payload(Hello(1, 0, 1 << 20, "x" * 255))[2])
+
+
 def test_auth_out_of_turn_without_feature_auth():
     guest, host = pair()
     with pytest.raises(LocalProtocolError, match="cannot send Auth in state ready"):
