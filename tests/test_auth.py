@@ -12,6 +12,7 @@ import asyncio
 import errno
 import hashlib
 import hmac
+import json
 import os
 import signal
 import socket
@@ -178,8 +179,6 @@ def test_right_token_is_served_wrong_or_none_is_refused(tcp_host):
     finally:
         good.stop()
     host.stop()
-    import json
-
     counters = json.loads(stats.read_text())
     assert counters["auth_failures"] == 1  # the wrong token; no token never sent AUTH
     assert counters["sessions"] == 1
