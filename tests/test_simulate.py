@@ -64,6 +64,23 @@ def test_simulate_cli_prints_tables_and_writes_json_and_plot(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_simulate_over_tcp_with_a_token(tmp_path):
+    """The same guests over loopback TCP, each authenticating with a fresh token."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "workload.cli", "simulate", "--workload", "ping-pong",
+         "--duration", "1", "--tcp", "--workdir", str(tmp_path / "work"), "--keep",
+         "--json", str(tmp_path / "out.json")],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "guests connect over: loopback TCP, token-authenticated" in proc.stdout
+    (summary,) = [p["summary"] for p in json.loads((tmp_path / "out.json").read_text())["policies"]]
+    assert summary["reads"] > 0 and summary["stale_reads"] == 0
+    (run_dir,) = (tmp_path / "work").iterdir()
+    host = json.loads((run_dir / "host1.json").read_text())
+    assert host["sessions"] >= 2 and host["auth_failures"] == 0 and host["requests"] > 0
+    assert (run_dir / "token").stat().st_mode & 0o777 == 0o600
+
+
 def test_simulate_refuses_unknown_workload_and_policy_with_the_choices():
     for args, word in ((["--workload", "nope"], "read-mostly"), (["--policy", "nope"], "clean-lease")):
         proc = subprocess.run([sys.executable, "-m", "workload.cli", "simulate", *args],

@@ -366,6 +366,8 @@ def _simulate(args) -> int:
                 return 1
             progress.update(task, completed=1.0)
     rows = report.print_runs(console, runs, per_guest=len(runs) == 1)
+    console.print("guests connect over: " + ("loopback TCP, token-authenticated" if args.tcp
+                                             else "a Unix socket"))
     if args.json:
         report.write_json(args.json, runs, vars(opts))
     if args.plot:
