@@ -112,9 +112,20 @@ def umount(mountpoint: str, lazy: bool = True) -> None:
         raise OSError(err, f"umount2({mountpoint}): {os.strerror(err)}")
 
 
+def resolve_mountpoint(mountpoint: str) -> str:
+    """`mountpoint` as /proc/self/mounts spells it, without looking at it.
+
+    Only its parent is resolved: os.path.realpath would lstat the mountpoint
+    itself, which on a FUSE mount may send a GETATTR and wait, for ever, for a
+    server that is dead but still holds /dev/fuse.  (So a mountpoint that is
+    itself a symbolic link is not followed.)"""
+    parent, name = os.path.split(os.path.abspath(mountpoint))
+    return os.path.join(os.path.realpath(parent), name)
+
+
 def is_mountpoint_of_fuse(mountpoint: str) -> bool:
-    """True if a fuse file system is mounted exactly at `mountpoint`."""
-    target = os.path.realpath(mountpoint)
+    """True if a fuse file system is mounted exactly at `mountpoint` (never stats it)."""
+    target = resolve_mountpoint(mountpoint)
     try:
         with open("/proc/self/mounts") as f:
             for line in f:

@@ -497,3 +497,40 @@ def test_invalidation_while_a_read_of_the_same_pages_is_unanswered(export, start
     assert stats["notify_max_ns"] > 100_000_000, stats
     assert write_took > 0.1
     assert cat(b.path("slow.bin")) == "n" * 65536  # not fenced, and nothing stale
+
+
+def test_a_process_stuck_in_exit_on_a_mount_is_seen_and_freed(export, start_host, mount_guest):
+    """What simulate --mount relies on to fail fast and leave nothing behind
+    (workload/mount_agent.py).  A process killed with a file open on a mount
+    whose server does not answer cannot finish exiting, since closing that file
+    in do_exit sends a FLUSH: `leader_is_dead` must say so (seen in CI as an
+    actor whose own serving thread was gone; made here with a stopped server).
+    Then `abort_mount` must free it without ever stat()ing the mount: under
+    the never policy every stat asks the server, which would not answer."""
+    from workload.mount_agent import leader_is_dead
+
+    (export / "f").write_bytes(b"x")
+    _, address = start_host(export, "--policy", "never")
+    server = mount_guest(address, "m")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import os, sys; fd = os.open(sys.argv[1], os.O_RDONLY); "
+         "print('open', flush=True); sys.stdin.read()", server.path("f")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline() == b"open\n"
+        assert not leader_is_dead(holder.pid)
+        server.child.proc.send_signal(signal.SIGSTOP)
+        try:
+            holder.kill()
+            wait_until(lambda: leader_is_dead(holder.pid), WAIT, "the holder dying")
+            assert holder.poll() is None  # dying, not dead: the FLUSH is unanswered
+            # In a child process, so that a regression hangs it, not the suite.
+            aborted = _run([sys.executable, "-c", "import sys; from workload.mount_agent import "
+                            "abort_mount; print(abort_mount(sys.argv[1]))", server.mountpoint])
+            assert aborted.strip() == "True"
+            assert holder.wait(WAIT) == -signal.SIGKILL  # freed with its server still stopped
+        finally:
+            server.child.proc.send_signal(signal.SIGCONT)
+    finally:
+        holder.kill()
+        holder.wait()

@@ -113,9 +113,10 @@ def test_simulate_mount_cli_prints_the_table(workdir):
 @pytest.mark.parametrize("fault", ["host stops", "actor killed"])
 def test_a_failed_mount_run_raises_and_leaves_no_mount(workdir, fault):
     """The host going away: every guest unmounts itself and exits 1.  An actor
-    killed mid-run cannot unmount; if its actor thread was waiting on its own
-    mount, it cannot even finish dying (its serving thread is gone).  Either
-    way the run fails promptly and abort() leaves no mount behind."""
+    killed mid-run cannot unmount; if a thread of it was waiting on its own
+    mount, or it had files open there, it cannot even finish dying (its serving
+    thread is gone).  Either way the run fails promptly and abort() leaves no
+    mount behind."""
     opts = SimOptions(workload="read-mostly", guests=2, duration=30.0, seed=1, mount=True)
     wl = make_workload("read-mostly", opts.guests, opts.host_writers)
     sim = Simulation(wl, "clean-lease", opts, str(workdir))

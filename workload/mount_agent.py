@@ -59,7 +59,7 @@ import sys
 import threading
 import time
 
-from guest.fuse_device import is_mountpoint_of_fuse, umount
+from guest.fuse_device import is_mountpoint_of_fuse, resolve_mountpoint, umount
 from guest.mount import GuestMount, MountClient, hit_rate
 from workload import stamp as stamps
 from workload.agent import Latencies, Stamper, _actor, _log_read
@@ -91,7 +91,7 @@ def abort_mount(mountpoint: str) -> bool:
     """
     if not is_mountpoint_of_fuse(mountpoint):
         return False
-    _libc.umount2(os.fsencode(os.path.realpath(mountpoint)), MNT_FORCE)  # EBUSY is expected
+    _libc.umount2(os.fsencode(resolve_mountpoint(mountpoint)), MNT_FORCE)  # EBUSY is expected
     try:
         umount(mountpoint)
     except OSError as exc:
@@ -100,13 +100,22 @@ def abort_mount(mountpoint: str) -> bool:
     return True
 
 
+_PF_EXITING = 0x4  # include/linux/sched.h: the task is in do_exit()
+
+
 def leader_is_dead(pid: int) -> bool:
-    """True if process `pid`'s main thread has exited while other threads still run
-    (state Z): a mount actor killed while its actor thread waited on its own mount."""
+    """True if process `pid` is dying but cannot finish: a mount actor killed while
+    a thread of it waited on its own mount, whose serving thread is gone.
+
+    Either the main thread has exited while another thread still waits (state
+    Z), or the main thread is itself in do_exit (PF_EXITING), stuck closing a
+    file on its own mount (the FLUSH of that close waits for an answer that
+    will never come: seen as fuse_flush under do_exit in /proc/PID/stack)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] == "Z"
-    except (OSError, IndexError):
+            fields = f.read().rpartition(")")[2].split()
+        return fields[0] == "Z" or bool(int(fields[6]) & _PF_EXITING)
+    except (OSError, IndexError, ValueError):
         return False
 
 
