@@ -457,20 +457,13 @@ class HostDaemon:
         started a recall).  Must be followed, with no await in between, by the
         modification and `modified(nodeid)`.
         """
-        while True:
-            decision = self.leases.begin_modification(nodeid, writer, is_dir=is_dir)
-            if decision is WAIT:
-                await asyncio.shield(self._recall_done[nodeid])
-                continue
-            if isinstance(decision, Recall):
-                await self._carry_out_recall(decision, lambda seq: Invalidate(
-                    seq, decision.ino, 0, 0, decision.generation))
-                self.leases.recall_finished(nodeid)
-                self.detector.disarm(nodeid)
-                return True
-            if self.leases.policy is Policy.OPEN_LEASE:
-                self.detector.disarm(nodeid)  # see open_for_write
-            return False
+        if await self._recall_for(nodeid, lambda: self.leases.begin_modification(
+                nodeid, writer, is_dir=is_dir)):
+            self.detector.disarm(nodeid)
+            return True
+        if self.leases.policy is Policy.OPEN_LEASE:
+            self.detector.disarm(nodeid)  # see open_for_write
+        return False
 
     def modified(self, nodeid: int) -> None:
         """A modification of `nodeid` has landed: schedule the flush that cleans it."""
@@ -479,21 +472,25 @@ class HostDaemon:
             self._schedule_flush(nodeid)
 
     async def open_for_write(self, nodeid: int, writer: int) -> None:
-        while True:
-            decision = self.leases.open_for_write(nodeid, writer)
-            if decision is WAIT:
-                await asyncio.shield(self._recall_done[nodeid])
-                continue
-            if isinstance(decision, Recall):
-                await self._carry_out_recall(decision, lambda seq: Invalidate(
-                    seq, decision.ino, 0, 0, decision.generation))
-                self.leases.recall_finished(nodeid)
-            if self.leases.policy is Policy.OPEN_LEASE:
-                # Drop the daemon's kernel read lease before it opens the file for
-                # write itself: breaking its own lease would block it for
-                # lease-break-time (docs/kernel.md).
-                self.detector.disarm(nodeid)
-            return
+        await self._recall_for(nodeid, lambda: self.leases.open_for_write(nodeid, writer))
+        if self.leases.policy is Policy.OPEN_LEASE:
+            # Drop the daemon's kernel read lease before it opens the file for
+            # write itself: breaking its own lease would block it for
+            # lease-break-time (docs/kernel.md).
+            self.detector.disarm(nodeid)
+
+    async def _recall_for(self, nodeid: int, decide) -> bool:
+        """Ask the lease table (`decide()`) until no recall of `nodeid` is in progress,
+        and carry out the Recall it answers, if any.  True if there was one: then
+        every other copy of `nodeid` is gone (invariant 2)."""
+        while (decision := decide()) is WAIT:
+            await asyncio.shield(self._recall_done[nodeid])
+        if not isinstance(decision, Recall):
+            return False
+        await self._carry_out_recall(decision, lambda seq: Invalidate(
+            seq, decision.ino, 0, 0, decision.generation))
+        self.leases.recall_finished(nodeid)
+        return True
 
     def before_create(self, parent: int, name: bytes) -> None:
         """CREATE may open an existing file for write: under open-lease, drop the
