@@ -21,7 +21,7 @@ WireGuard), for more.  An eavesdropper who records one exchange can try to
 guess the token offline, which is why tokens must be long and random
 (`cleanlease token FILE` makes one) and why short ones are refused.
 
-Pure functions, no I/O except `read_token_file`.
+Pure functions, no I/O except `read_token_file` and `write_token_file`.
 """
 
 from __future__ import annotations
@@ -91,6 +91,16 @@ def read_token_file(path: str) -> bytes:
         raise TokenError(f"the token file {path} is readable by others (mode {mode & 0o777:03o}); "
                          f"chmod 600 {path}")
     return check_token(token)
+
+
+def write_token_file(path: str) -> None:
+    """Create `path`, mode 600, holding a new token.
+
+    Raises OSError (FileExistsError for an existing file: a token file is
+    never overwritten, since guests may hold the old token)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(new_token() + "\n")
 
 
 def token_from(value: str | None, path: str | None, environ) -> bytes | None:

@@ -242,18 +242,16 @@ def _make_workload(args):
 
 
 def _token(args) -> int:
-    from protocol.auth import new_token
+    from protocol.auth import new_token, write_token_file
 
     if args.file is None:
         print(new_token())
         return 0
     try:
-        fd = os.open(args.file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        write_token_file(args.file)
     except OSError as exc:
         raise SystemExit(f"cleanlease token: cannot create {args.file}: {exc.strerror} "
                          f"(an existing token file is never overwritten)")
-    with os.fdopen(fd, "w") as f:
-        f.write(new_token() + "\n")
     print(f"cleanlease token: wrote a new token to {args.file} (mode 600)", file=sys.stderr)
     return 0
 

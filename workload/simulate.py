@@ -22,7 +22,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-from protocol.auth import new_token
+from protocol.auth import write_token_file
 from workload import stamp as stamps
 from workload.checker import check
 from workload.oplog import read_logs
@@ -173,8 +173,7 @@ class Simulation:
             # Port 0 the first time; a restarted host takes the port the first one bound.
             self.address = "tcp:127.0.0.1:0"
             token_file = os.path.join(self.run_dir, "token")
-            with open(os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
-                f.write(new_token())
+            write_token_file(token_file)
             self.token_args = ["--token-file", token_file]
         self.host: ChildProcess | None = None
         self.hosts = 0
