@@ -842,19 +842,15 @@ _FORWARDED = {
 # --- running it ---------------------------------------------------------------------------
 
 
-async def run_mount(address: str, mountpoint: str, *, name: str = "mount",
-                    stats_path: str | None = None, request_timeout: float = 30.0,
-                    token: bytes | None = None) -> int:
-    """Connect, mount, print `READY <mountpoint> ...`, serve until SIGINT/SIGTERM or
-    until the host goes away; then unmount.  Returns the exit status."""
-    if not os.path.isdir(mountpoint):
-        raise SystemExit(f"cleanlease guest: --mount {mountpoint!r} is not a directory")
+async def open_mount(address: str, mountpoint: str, *, name: str, token: bytes | None = None,
+                     request_timeout: float = 30.0, **options) -> GuestMount:
+    """Connect to the host as `name`, mount the export at `mountpoint` (GuestMount
+    `options`), and let SIGTERM/SIGINT stop the mount.  Returns the started mount;
+    its client is `mount.client`.  Raises what MountClient.connect and
+    GuestMount.start raise; the connection is closed then."""
     client = await MountClient.connect(address, name=name, request_timeout=request_timeout,
                                        reconnect=False, token=token)
-    # Fault injection for tests: hold every READ reply (an INVALIDATE then
-    # arrives while the kernel still waits for the READ of the same pages).
-    delay = float(os.environ.get("CLEANLEASE_MOUNT_READ_DELAY_MS", "0")) / 1000.0
-    mount = GuestMount(client, mountpoint, stats_path=stats_path, read_delay=delay)
+    mount = GuestMount(client, mountpoint, **options)
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, mount.request_stop, f"signal {signum}")
@@ -863,6 +859,23 @@ async def run_mount(address: str, mountpoint: str, *, name: str = "mount",
     except BaseException:
         await client.close()
         raise
+    return mount
+
+
+async def run_mount(address: str, mountpoint: str, *, name: str = "mount",
+                    stats_path: str | None = None, request_timeout: float = 30.0,
+                    token: bytes | None = None) -> int:
+    """Connect, mount, print `READY <mountpoint> ...`, serve until SIGINT/SIGTERM or
+    until the host goes away; then unmount.  Returns the exit status."""
+    if not os.path.isdir(mountpoint):
+        raise SystemExit(f"cleanlease guest: --mount {mountpoint!r} is not a directory")
+    # Fault injection for tests: hold every READ reply (an INVALIDATE then
+    # arrives while the kernel still waits for the READ of the same pages).
+    delay = float(os.environ.get("CLEANLEASE_MOUNT_READ_DELAY_MS", "0")) / 1000.0
+    mount = await open_mount(address, mountpoint, name=name, token=token,
+                             request_timeout=request_timeout, stats_path=stats_path,
+                             read_delay=delay)
+    client = mount.client
     print(f"READY {mount.mountpoint} policy={client.policy.label} guest={client.hello.guest_id}",
           flush=True)
     await mount.stop_requested.wait()

@@ -60,7 +60,7 @@ import threading
 import time
 
 from guest.fuse_device import is_mountpoint_of_fuse, resolve_mountpoint, umount
-from guest.mount import GuestMount, MountClient, hit_rate
+from guest.mount import GuestMount, hit_rate, open_mount
 from workload import stamp as stamps
 from workload.agent import Latencies, Stamper, _actor, _log_read
 from workload.oplog import LogWriter, WriteRecord
@@ -345,17 +345,9 @@ async def run_mount_actor(args, workload: Workload) -> int:
     actor = _actor(workload, args.actor)
     mountpoint = args.mount
     os.makedirs(mountpoint, exist_ok=True)
-    client = await MountClient.connect(args.connect, name=actor.name, reconnect=False,
-                                       token=args.token)
-    mount = GuestMount(client, mountpoint)
+    mount = await open_mount(args.connect, mountpoint, name=actor.name, token=args.token)
+    client = mount.client
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, mount.request_stop, f"signal {signum}")
-    try:
-        await mount.start()
-    except BaseException:
-        await client.close()
-        raise
     runner = SyscallActor(args, workload, actor, mount, loop)
     thread = threading.Thread(target=runner.run, name=f"actor-{actor.name}", daemon=True)
     try:
