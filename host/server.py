@@ -250,11 +250,14 @@ class HostDaemon:
                         _peer(session), self.config.handshake_timeout_ms)
             session.transport.abort()
 
-    def _register(self, session: Session) -> None:
-        """The handshake is over: `session` is served from now on."""
+    def _end_handshake(self, session: Session) -> None:
         self._handshaking.discard(session)
         if session.handshake_timer is not None:
             session.handshake_timer.cancel()
+
+    def _register(self, session: Session) -> None:
+        """The handshake is over: `session` is served from now on."""
+        self._end_handshake(session)
         self.sessions[session.guest_id] = session
         self.stats.sessions += 1
         log.info("guest %s connected as %d", session.name, session.guest_id)
@@ -354,9 +357,7 @@ class HostDaemon:
     def session_lost(self, session: Session) -> None:
         """A guest went away: its leases, handles and pending ACKs go with it."""
         session.closed = True
-        self._handshaking.discard(session)
-        if session.handshake_timer is not None:
-            session.handshake_timer.cancel()
+        self._end_handshake(session)
         if self.sessions.get(session.guest_id) is session:
             del self.sessions[session.guest_id]
             self.leases.drop_holder(session.guest_id)
