@@ -82,8 +82,7 @@ class _Injector:
             self.sim.start_host()
         for due, proc in list(self._resume):
             if since >= due:
-                proc.popen.send_signal(signal.SIGCONT)
-                self.log.append((time.monotonic_ns(), "resume-guest", proc.name))
+                self._continue(proc)
                 self._resume.remove((due, proc))
         while self.schedule and self.schedule[0][0] <= since:
             _, fault = self.schedule.pop(0)
@@ -117,11 +116,14 @@ class _Injector:
         self.faults[fault] += 1
         self.log.append((time.monotonic_ns(), fault, target))
 
+    def _continue(self, proc) -> None:
+        proc.popen.send_signal(signal.SIGCONT)
+        self.log.append((time.monotonic_ns(), "resume-guest", proc.name))
+
     def settle(self) -> None:
         """Resume every stopped guest and wait for the fuzzers."""
         for _, proc in self._resume:
-            proc.popen.send_signal(signal.SIGCONT)
-            self.log.append((time.monotonic_ns(), "resume-guest", proc.name))
+            self._continue(proc)
         self._resume.clear()
         for thread in self._fuzzers:
             thread.join(30)
