@@ -255,8 +255,11 @@ def encode_payload(message: Message) -> tuple[wire.Request, int, bytes]:
             return wire.Request.HEARTBEAT, version | wire.FLAG_NEED_REPLY, _build(
                 wire.HeartbeatPayload, {"seq": message.seq}, "HEARTBEAT")
         case HeartbeatReply():
+            if not -_MAX_ERRNO <= message.error <= 0:
+                raise LocalProtocolError(f"HeartbeatReply.error {message.error} is not 0 or -errno")
             return wire.Request.HEARTBEAT, version | wire.FLAG_REPLY, _build(
-                wire.HeartbeatPayload, {"seq": message.seq}, "HEARTBEAT reply")
+                wire.HeartbeatReplyPayload, {"seq": message.seq, "error": message.error,
+                                             "reserved": 0}, "HEARTBEAT reply")
     raise LocalProtocolError(f"cannot encode {type(message).__name__}")
 
 
@@ -374,7 +377,7 @@ def decode_payload(request: int, flags: int, payload: bytes,
             return HelloReply(c.error, c.version, c.features, policy, detector, c.lease_term_ms,
                               c.ttl_ms, c.max_frame, c.guest_id, bytes(c.boot_id), bytes(c.nonce))
         c = _parse(wire.HelloPayload, payload, "HELLO")
-        return Hello(c.version, c.features, c.max_frame, c.name)
+        return Hello(c.version, c.features, c.max_frame, c.name, bytes(c.client_id))
 
     if code == wire.Request.AUTH:
         if is_reply:
@@ -392,8 +395,12 @@ def decode_payload(request: int, flags: int, payload: bytes,
         return _decode_notify(code, payload)
 
     if code == wire.Request.HEARTBEAT:
-        seq = _parse(wire.HeartbeatPayload, payload, "HEARTBEAT").seq
-        return HeartbeatReply(seq) if is_reply else Heartbeat(seq)
+        if is_reply:
+            c = _parse(wire.HeartbeatReplyPayload, payload, "HEARTBEAT reply")
+            if not -_MAX_ERRNO <= c.error <= 0:
+                raise RemoteProtocolError(f"malformed HEARTBEAT reply: error {c.error} is not 0 or -errno")
+            return HeartbeatReply(c.seq, c.error)
+        return Heartbeat(_parse(wire.HeartbeatPayload, payload, "HEARTBEAT").seq)
     raise RemoteProtocolError(f"frame header: unhandled request code {request}")  # pragma: no cover
 
 

@@ -62,6 +62,9 @@ class Hello:
     features: int
     max_frame: int
     name: str
+    # The guest's identity across reconnections (random, 16 bytes): the host
+    # answers a retried request from its reply cache instead of repeating it.
+    client_id: bytes = bytes(16)
 
 
 @dataclass(frozen=True)
@@ -373,6 +376,9 @@ FsOp = (
 LEASE_GRANTED = 1 << 0
 # Set on the reply to a modification that started a recall (the first dirtying write).
 LEASE_FIRST_DIRTY = 1 << 1
+# Set on a reply that does not renew the guest's lease term: the host sent it
+# while an invalidation to this guest was still unACKed (docs/design.md, "Terms").
+LEASE_NOT_RENEWED = 1 << 2
 
 
 @dataclass(frozen=True)
@@ -396,6 +402,10 @@ class LeaseGrant:
     @property
     def first_dirty(self) -> bool:
         return bool(self.flags & LEASE_FIRST_DIRTY)
+
+    @property
+    def renews(self) -> bool:
+        return not self.flags & LEASE_NOT_RENEWED
 
 
 NO_LEASE = LeaseGrant()
@@ -476,7 +486,12 @@ class Heartbeat:
 
 @dataclass(frozen=True)
 class HeartbeatReply:
+    """Host -> guest.  `error` 0: the term is renewed from when the HEARTBEAT was
+    sent; -EAGAIN: not renewed (an invalidation is unACKed); -EKEYEXPIRED: this
+    session was fenced (drop every cache, say HELLO again)."""
+
     seq: int
+    error: int = 0
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ DEFAULT_MAX_FRAME = 1 << 20
 ABSOLUTE_MAX_FRAME = 16 << 20
 MIN_MAX_FRAME = 8192
 # Until the handshake is over (HELLO, and AUTH if asked) no frame needs more
-# (the largest, a HELLO with a 255-byte name, is 272 bytes): a peer that has
+# (the largest, a HELLO with a 255-byte name, is 288 bytes): a peer that has
 # proved nothing cannot make us buffer more than this per connection.
 HANDSHAKE_MAX_FRAME = 1024
 
@@ -47,6 +47,7 @@ SUPPORTED_FEATURES = FEATURE_LEASES | FEATURE_HEARTBEAT
 # in the HELLO reply "prove it: AUTH comes next" (protocol/auth.py).
 FEATURE_AUTH = 1 << 2
 
+CLIENT_ID_SIZE = 16  # a guest's identity across its sessions (HELLO)
 NONCE_SIZE = 16  # random bytes each side contributes to an AUTH exchange
 PROOF_SIZE = 32  # an HMAC-SHA256
 
@@ -68,6 +69,9 @@ HelloPayload = Struct(
     "version" / Int32ul,
     "features" / Int64ul,
     "max_frame" / Int32ul,
+    # Random, chosen once by a guest and kept across its reconnections, so that
+    # the host can carry out a retried request at most once (its reply cache).
+    "client_id" / Bytes(CLIENT_ID_SIZE),
     "name" / PascalString(Int8ul, "utf8"),
     Terminated,
 )
@@ -105,3 +109,8 @@ NOTIFY_TRAILER_SIZE = 16
 
 AckPayload = Struct("seq" / Int64ul, Terminated)
 HeartbeatPayload = Struct("seq" / Int64ul, Terminated)
+# Host -> guest: 0 (the term is renewed from when the HEARTBEAT was sent),
+# -EAGAIN (not renewed: an invalidation sent to this guest is not ACKed yet),
+# or -EKEYEXPIRED (this session was fenced: drop every cache, say HELLO again).
+HeartbeatReplyPayload = Struct("seq" / Int64ul, "error" / Int32sl, "reserved" / Int32ul,
+                               Terminated)

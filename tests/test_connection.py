@@ -477,7 +477,7 @@ def test_frame_of_exactly_max_frame_is_buffered():
      "fuse_in_header"),
     (frame(3, 0x5, struct.pack("<Q", 99)), "ACK for seq 99"),
     (frame(4, 0x5, struct.pack("<Q", 99)), "ACK for seq 99"),
-    (frame(5, 0x5, struct.pack("<Q", 1)), "cannot recv HeartbeatReply"),
+    (frame(5, 0x5, struct.pack("<QiI", 1, 0, 0)), "cannot recv HeartbeatReply"),
     (frame(1, 0x9, codec.encode_payload(Hello(1, 0, 8192, "again"))[2]), "cannot recv Hello"),
     (frame(2, 0x5, struct.pack("<IiQ", 16, 0, 1) + bytes(24)), "not outstanding"),
     (frame(3, 0x9, codec.encode_payload(Invalidate(1, 1, 0, 0, 1))[2]), "cannot recv Invalidate"),
@@ -492,7 +492,7 @@ def test_hostile_frames_at_the_guest():
         (fs_frame(1, b"foo\0"), "cannot recv FsRequest"),
         (frame(2, 0x5, struct.pack("<IiQ", 16, 0, 99) + bytes(24)), "not outstanding"),
         (frame(5, 0x9, struct.pack("<Q", 1)), "cannot recv Heartbeat"),
-        (frame(5, 0x5, struct.pack("<Q", 1)), "answers nothing"),
+        (frame(5, 0x5, struct.pack("<QiI", 1, 0, 0)), "answers nothing"),
         (frame(3, 0x5, struct.pack("<Q", 1)), "cannot recv Ack"),
         (fs_frame(26, bytes(64)), "unsupported FUSE opcode"),  # not the host: fatal
         (frame(1, 0x5, codec.encode_payload(hello_reply())[2]), "cannot recv HelloReply"),

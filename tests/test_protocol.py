@@ -297,12 +297,13 @@ def test_golden_frame_header_constants():
 
 
 def test_golden_hello():
-    msg = Hello(version=1, features=3, max_frame=1 << 20, name="g1")
+    msg = Hello(version=1, features=3, max_frame=1 << 20, name="g1", client_id=bytes(range(16)))
     assert encode(msg) == h(
-        "01000000 09000000 13000000"  # HELLO, v1|NEED_REPLY, 19 bytes
+        "01000000 09000000 23000000"  # HELLO, v1|NEED_REPLY, 35 bytes
         "01000000"  # version
         "0300000000000000"  # features: LEASES|HEARTBEAT
         "00001000"  # max_frame 1 MiB
+        "000102030405060708090a0b0c0d0e0f"  # client_id
         "02 6731"  # name: u8 length, UTF-8
     )
 
@@ -457,7 +458,10 @@ def test_golden_acks_and_heartbeats():
     assert codec.encode_header(code, flags, len(payload)) + payload == h(
         "04000000 05000000 08000000 0400000000000000")
     assert encode(Heartbeat(11)) == h("05000000 09000000 08000000 0b00000000000000")
-    assert encode(HeartbeatReply(11)) == h("05000000 05000000 08000000 0b00000000000000")
+    assert encode(HeartbeatReply(11)) == h("05000000 05000000 10000000 0b00000000000000"
+                                           "00000000 00000000")
+    assert encode(HeartbeatReply(11, -errno.EKEYEXPIRED)) == h(
+        "05000000 05000000 10000000 0b00000000000000 81ffffff 00000000")
 
 
 def test_golden_entry_out_layout():
@@ -808,7 +812,7 @@ def test_docs_protocol_md_examples_are_exact():
         return codec.encode_header(code, flags, len(payload)) + payload
 
     expected = [
-        encode(Hello(1, 3, 1 << 20, "g1")),
+        encode(Hello(1, 3, 1 << 20, "g1", bytes(range(16)))),
         encode(HelloReply(0, 1, 3, Policy.CLEAN_LEASE, Detector.FANOTIFY, 1000, 1000, 65536, 7,
                           BOOT)),
         encode(Auth(GUEST_NONCE, PROOF)),
@@ -822,6 +826,7 @@ def test_docs_protocol_md_examples_are_exact():
         encode(Invalidate(seq=3, ino=5, offset=0, length=-1, generation=2)),
         encode(InvalEntry(seq=4, parent=1, name=b"a.txt", generation=6)),
         ack(3, wire.Request.INVALIDATE) + ack(4, wire.Request.INVAL_ENTRY),
-        encode(Heartbeat(11)) + encode(HeartbeatReply(11)),
+        encode(Heartbeat(11)) + encode(HeartbeatReply(11))
+        + encode(HeartbeatReply(11, -errno.EKEYEXPIRED)),
     ]
     assert _doc_frames() == expected
