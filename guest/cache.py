@@ -67,6 +67,10 @@ class GuestCache:
         self._entries: dict[tuple[int, bytes], tuple[int, float]] = {}
         self._leases: set[int] = set()
         self._seen_generation: dict[int, int] = {}
+        # Per directory: how many of its names were invalidated (or changed by
+        # this guest) so far.  A LOOKUP reply is cached only if this did not
+        # move while it was on its way (`entry_epoch`, `store_entry`).
+        self._entry_epoch: dict[int, int] = {}
         # ttl: the (mtime_ns, size) the cached pages of an inode belong to.
         self._page_version: dict[int, tuple[int, int]] = {}
         self.renewed_until = 0.0
@@ -234,8 +238,19 @@ class GuestCache:
         entry = self._attrs.get(nodeid)
         return entry[0] if entry else None
 
-    def store_entry(self, parent: int, name: bytes, nodeid: int) -> None:
+    def entry_epoch(self, parent: int) -> int:
+        """Take this before sending a LOOKUP in `parent`; pass it to `store_entry`."""
+        return self._entry_epoch.get(parent, 0)
+
+    def store_entry(self, parent: int, name: bytes, nodeid: int, epoch: int | None = None) -> bool:
+        """Cache `name` -> `nodeid` in `parent`, unless a name of `parent` was
+        invalidated since `epoch` was taken: the reply may then predate the
+        change (it raced with the invalidation).  True if cached."""
+        if epoch is not None and epoch != self._entry_epoch.get(parent, 0):
+            self.stats.stale_grants_dropped += 1
+            return False
         self._entries[(parent, name)] = (nodeid, self.clock() + self.ttl_s)
+        return True
 
     def lookup_entry(self, parent: int, name: bytes) -> int | None:
         entry = self._entries.get((parent, name))
@@ -268,8 +283,16 @@ class GuestCache:
         self.drop_pages(nodeid)
         self._attrs.pop(nodeid, None)
 
-    def invalidate_entry(self, parent: int, name: bytes) -> None:
+    def invalidate_entry(self, parent: int, name: bytes, generation: int = 0) -> None:
+        """A name in `parent` changed (or is about to, by this guest): forget it,
+        refuse LOOKUP replies already on their way, and forget the directory's
+        own attributes (its mtime, ctime and link count change with its names);
+        a grant on `parent` older than `generation` raced with this and is dropped."""
+        if generation > self._seen_generation.get(parent, 0):
+            self._seen_generation[parent] = generation
         self._entries.pop((parent, name), None)
+        self._entry_epoch[parent] = self._entry_epoch.get(parent, 0) + 1
+        self._attrs.pop(parent, None)
 
     def forget_own_copy(self, nodeid: int) -> None:
         """This guest is about to modify `nodeid`: its cache of it is no longer current."""

@@ -66,6 +66,13 @@ class SessionLost(ConnectionError):
     """The connection to the host is gone; outstanding requests fail with this."""
 
 
+class OutcomeUnknown(SessionLost):
+    """A non-idempotent request (a write, a truncate) was sent, and the host
+    restarted before it answered: whether it was carried out cannot be known,
+    and repeating it could undo a later write of someone else.  Read the file
+    to see what it holds, then decide."""
+
+
 class AuthenticationFailed(ConnectionError):
     """The token exchange failed: ours was refused, the host's proof was wrong,
     or one side has a token and the other none.  Retrying cannot help."""
@@ -73,13 +80,25 @@ class AuthenticationFailed(ConnectionError):
 
 @dataclass(eq=False)
 class FileHandle:
-    """An open file.  `nodeid` and `fh` change when the client re-opens it on a new session."""
+    """An open file.  `nodeid` and `fh` change when the client re-opens it on a new session.
+
+    `ino` is the host inode number it was opened on: a re-open that finds
+    another inode under `path` (the file was replaced meanwhile) makes the
+    handle `stale`, and every later use fails with ESTALE."""
 
     path: str
     nodeid: int
     fh: int
     flags: int
+    ino: int = 0
     closed: bool = False
+    stale: bool = False
+
+    def check(self) -> None:
+        """Raises HostError(ESTALE) if the file it was opened on is no longer at its path."""
+        if self.stale:
+            raise HostError(errno.ESTALE, f"{self.path}: replaced while the host was "
+                                          f"unreachable; open it again")
 
 
 @dataclass(frozen=True)
@@ -190,6 +209,10 @@ class GuestClient:
         self.sessions = 0  # how many sessions this client has had
         self.boot_ids: list[bytes] = []
         self._next_unique = 1
+        # Who we are to the host across reconnections (HELLO): it answers a
+        # retried WRITE or truncate from its reply cache instead of repeating it.
+        self.client_id = os.urandom(wire.CLIENT_ID_SIZE)
+        self._host_ino: dict[int, int] = {}  # nodeid -> host st_ino, this session
         self._next_heartbeat = 1
         self._heartbeat_task: asyncio.Task | None = None
         self._reconnect_task: asyncio.Task | None = None
@@ -198,7 +221,8 @@ class GuestClient:
         self._gone: Exception | None = None
         self._files: set[FileHandle] = set()
         # Optional callback(message), run before the ACK; if it returns an
-        # awaitable, the ACK waits for it.
+        # awaitable, the ACK waits for it, and is not sent at all if the
+        # awaitable fails or is cancelled (the copy may still be there).
         self.on_invalidate = None
         self.acks_sent = 0
 
@@ -236,7 +260,8 @@ class GuestClient:
         else:
             await loop.create_connection(lambda: _ClientProtocol(session), where.host, where.port)
         offer = wire.SUPPORTED_FEATURES | (wire.FEATURE_AUTH if self.token is not None else 0)
-        session.send(Hello(wire.PROTOCOL_VERSION, offer, wire.DEFAULT_MAX_FRAME, self.name))
+        session.send(Hello(wire.PROTOCOL_VERSION, offer, wire.DEFAULT_MAX_FRAME, self.name,
+                           self.client_id))
         try:
             reply: HelloReply = await asyncio.wait_for(session.hello_future, self.request_timeout)
             if reply.error:
@@ -257,6 +282,7 @@ class GuestClient:
         else:
             # A new session holds no leases, whatever the boot id says.
             self.cache.clear()
+        self._host_ino.clear()  # node ids belong to a session
         if self.heartbeat and self.cache.uses_leases:
             self._heartbeat_task = asyncio.ensure_future(self._heartbeats(session))
 
@@ -376,15 +402,19 @@ class GuestClient:
                 delay = min(delay * 2, 1.0)
 
     async def _reopen_files(self) -> None:
-        """Re-open, by path, what was open.  A file that is gone (or is now another
-        file that cannot be opened) keeps its old ids, which the new host refuses
-        with ESTALE/EBADF: the caller learns of it on its next use."""
+        """Re-open, by path, what was open.  A file that is gone, or that is now
+        another inode (replaced meanwhile), makes its handle stale: the caller
+        learns it on its next use (ESTALE), rather than reading or writing a
+        file it never opened."""
         for handle in list(self._files):
             flags = handle.flags & ~(os.O_TRUNC | os.O_CREAT | os.O_EXCL)
             try:
                 nodeid = await self.resolve(handle.path)
+                if self._host_ino.get(nodeid) != handle.ino:
+                    raise HostError(errno.ESTALE, "another file")
                 reply = await self.request(nodeid, Open(flags))
             except HostError:
+                handle.stale = True
                 continue
             handle.nodeid, handle.fh = nodeid, reply.body.fh
 
@@ -394,12 +424,24 @@ class GuestClient:
         if self._gone is not None:
             raise self._gone
 
-    async def _retrying(self, call):
-        """Run `call()`; after a lost session, wait for the new one and run it again."""
+    async def _retrying(self, call, *, idempotent: bool = True):
+        """Run `call()`; after a lost session, wait for the new one and run it again.
+
+        A call that is not `idempotent` must send its request with the same
+        `unique` every time (`new_unique`): the host then carries it out at
+        most once.  That holds only while the host is the same boot: after a
+        restart such a call raises OutcomeUnknown instead of repeating."""
+        boot_id = None
         for attempt in range(_RETRY_ATTEMPTS):
             if not self._connected.is_set() or self._gone is not None:
                 await self._wait_connected()  # (connected and not gone: nothing to wait for)
             session = self.session
+            if not idempotent:
+                if boot_id is None:
+                    boot_id = self.hello.boot_id
+                elif self.hello.boot_id != boot_id:
+                    raise OutcomeUnknown("the host restarted while this request was under way: "
+                                         "it may or may not have been carried out")
             try:
                 return await call()
             except SessionLost:
@@ -433,7 +475,10 @@ class GuestClient:
             case FsReply():
                 future, sent_at = session.pending.pop(event.unique, (None, 0.0))
                 if future is not None:
-                    self.cache.renewed(sent_at)
+                    # Not from a fenced session (EKEYEXPIRED), nor from one the
+                    # host withheld renewal from (an invalidation was unACKed).
+                    if event.lease.renews and event.error != -errno.EKEYEXPIRED:
+                        self.cache.renewed(sent_at)
                     if not future.done():
                         future.set_result(event)
             case Invalidate():
@@ -442,12 +487,15 @@ class GuestClient:
                 self._ack_after_callback(session, event)
             case InvalEntry():
                 self.cache.stats.inval_entries += 1
-                self.cache.invalidate_entry(event.parent, event.name)
+                self.cache.invalidate_entry(event.parent, event.name, event.generation)
                 self._ack_after_callback(session, event)
             case HeartbeatReply():
                 future, sent_at = session.pending.pop(-event.seq, (None, 0.0))
                 if future is not None:
-                    self.cache.renewed(sent_at)
+                    if event.error == 0:
+                        self.cache.renewed(sent_at)
+                    elif event.error == -errno.EKEYEXPIRED:
+                        self._fenced(session)
                     if not future.done():
                         future.set_result(event)
             case HelloReply():
@@ -459,13 +507,15 @@ class GuestClient:
 
     def _ack_after_callback(self, session: _Session, event) -> None:
         """ACK once our copy is gone: at once, or when the awaitable that
-        `on_invalidate` returned completes (a mount waits for the kernel)."""
+        `on_invalidate` returned completes (a mount waits for the kernel).
+        No ACK if it fails or is cancelled: an ACK means the copy is gone."""
         pending = self.on_invalidate(event) if self.on_invalidate else None
         if pending is None:
             self._ack(session, event.seq)
         else:
             asyncio.ensure_future(pending).add_done_callback(
-                lambda _: self._ack(session, event.seq))
+                lambda done: None if done.cancelled() or done.exception() is not None
+                else self._ack(session, event.seq))
 
     def _ack(self, session: _Session, seq: int) -> None:
         try:
@@ -476,19 +526,29 @@ class GuestClient:
 
     # --- one request ---------------------------------------------------------------
 
-    async def request(self, nodeid: int, op) -> FsReply:
+    def new_unique(self) -> int:
+        """A request id never used before by this client (ids are not reused
+        across sessions, so a retry can name its first attempt)."""
+        unique = self._next_unique
+        self._next_unique += 1
+        return unique
+
+    async def request(self, nodeid: int, op, unique: int | None = None) -> FsReply:
         """Send one FS request on the current session and wait for its reply.
 
-        Raises HostError for an errno reply, SessionLost if the connection
-        goes (no retry at this level: node ids and handles belong to the
-        session), TimeoutError after `request_timeout`.  A fenced guest
-        (EKEYEXPIRED) drops every cache and starts a new session.
+        `unique` names the request; pass the same one to retry a request
+        after a reconnect (the host answers it from its reply cache if it
+        carried it out already).  Raises HostError for an errno reply,
+        SessionLost if the connection goes (no retry at this level: node ids
+        and handles belong to the session), TimeoutError after
+        `request_timeout`.  A fenced guest (EKEYEXPIRED) drops every cache
+        and starts a new session.
         """
         session = self.session
         if session is None or session.lost:
             raise SessionLost("not connected to the host")
-        unique = self._next_unique
-        self._next_unique += 1
+        if unique is None:
+            unique = self.new_unique()
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         session.pending[unique] = (future, time.monotonic())
@@ -511,20 +571,27 @@ class GuestClient:
                 timer.cancel()
         if reply.error:
             if -reply.error == errno.EKEYEXPIRED:
-                # Fenced: every lease we had is void.  Say HELLO again.
-                self.cache.clear()
-                if session.transport is not None:
-                    session.transport.close()
+                self._fenced(session)
+            elif reply.lease.ino:
+                # A modification that failed after its recall: the generation
+                # moved on all the same, so grants of an older one are stale.
+                self.cache.invalidate_inode(reply.lease.ino, reply.lease.generation)
             raise HostError(-reply.error, f"{op.opcode.name}: {os.strerror(-reply.error)}")
         return reply
+
+    def _fenced(self, session: _Session) -> None:
+        """The host fenced `session`: every lease we had is void.  Say HELLO again."""
+        if session is self.session:
+            self.cache.clear()
+        if session.transport is not None:
+            session.transport.close()
 
     def forget(self, nodeid: int, nlookup: int) -> None:
         """Tell the host we dropped `nlookup` references to `nodeid` (FORGET has no reply)."""
         session = self.session
         if session is None or session.lost:
             return  # the host dropped every node id of that session anyway
-        unique = self._next_unique
-        self._next_unique += 1
+        unique = self.new_unique()
         session.send(FsRequest(unique, nodeid, Forget(nlookup)))
 
     # --- names ----------------------------------------------------------------------
@@ -534,12 +601,15 @@ class GuestClient:
         if cached is not None:
             self.cache.stats.entry_hits += 1
             return cached
+        epoch = self.cache.entry_epoch(parent)
         reply = await self.request(parent, Lookup(name))
         entry = reply.body
+        self._host_ino[entry.nodeid] = entry.attr.ino
         if self.cache.accept_grant(reply.lease):
             self.cache.store_attr(entry.nodeid, entry.attr)
-        if self._entry_cacheable(parent):
-            self.cache.store_entry(parent, name, entry.nodeid)
+        # entry_valid 0: the host is changing a name in `parent` right now.
+        if (entry.entry_valid or entry.entry_valid_nsec) and self._entry_cacheable(parent):
+            self.cache.store_entry(parent, name, entry.nodeid, epoch)
         return entry.nodeid
 
     def _entry_cacheable(self, parent: int) -> bool:
@@ -585,31 +655,40 @@ class GuestClient:
         return reply.body.attr
 
     async def open(self, path: str, flags: int = os.O_RDONLY) -> FileHandle:
-        async def call():
-            nodeid = await self.resolve(path)
-            writing = (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC
-            if writing:
-                self.cache.forget_own_copy(nodeid)
-            elif self.cache.policy is Policy.TTL:
-                attr = self.cache.cached_attr(nodeid) if self.cache.may_serve_attr(nodeid) else None
-                self.cache.revalidate_at_open(nodeid, attr or await self._getattr(nodeid))
-            reply = await self.request(nodeid, Open(flags))
-            self._take_reply_lease(nodeid, reply, modifies=bool(writing))
-            return FileHandle(path, nodeid, reply.body.fh, flags)
-        handle = await self._retrying(call)
+        """Open `path`.  Retried after a lost session, except with O_TRUNC (a
+        modification, which may or may not have happened): SessionLost then."""
+        if flags & os.O_TRUNC:
+            await self._wait_connected()
+            handle = await self._open(path, flags)
+        else:
+            handle = await self._retrying(lambda: self._open(path, flags))
         self._files.add(handle)
         return handle
+
+    async def _open(self, path: str, flags: int) -> FileHandle:
+        nodeid = await self.resolve(path)
+        writing = (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC
+        if writing:
+            self.cache.forget_own_copy(nodeid)
+        elif self.cache.policy is Policy.TTL:
+            attr = self.cache.cached_attr(nodeid) if self.cache.may_serve_attr(nodeid) else None
+            self.cache.revalidate_at_open(nodeid, attr or await self._getattr(nodeid))
+        reply = await self.request(nodeid, Open(flags))
+        self._take_reply_lease(nodeid, reply, modifies=bool(writing))
+        return FileHandle(path, nodeid, reply.body.fh, flags, self._host_ino.get(nodeid, 0))
 
     async def create(self, path: str, flags: int = os.O_RDWR, mode: int = 0o644) -> FileHandle:
         """Create (or open) `path`.  Not retried after a lost session: it raises SessionLost."""
         await self._wait_connected()
         parent, name = await self._parent_and_name(path)
+        self.cache.invalidate_entry(parent, name)  # lookups on their way must not cache it
         reply = await self.request(parent, Create(name, flags | os.O_CREAT, mode))
         entry, opened = reply.body.entry, reply.body.open
         self.cache.invalidate_entry(parent, name)
         self.cache.forget_own_copy(entry.nodeid)
         self._take_reply_lease(entry.nodeid, reply, modifies=True)
-        handle = FileHandle(path, entry.nodeid, opened.fh, flags)
+        self._host_ino[entry.nodeid] = entry.attr.ino
+        handle = FileHandle(path, entry.nodeid, opened.fh, flags, entry.attr.ino)
         self._files.add(handle)
         return handle
 
@@ -626,6 +705,8 @@ class GuestClient:
 
     async def read(self, handle: FileHandle, offset: int, size: int) -> ReadResult:
         """Read [offset, offset+size): from the cache when the policy allows, else from the host."""
+        if handle.stale:
+            handle.check()
         cache = self.cache
         stats = cache.stats
         stats.reads += 1
@@ -640,6 +721,7 @@ class GuestClient:
         aligned = ((end + PAGE_SIZE - 1) // PAGE_SIZE) * PAGE_SIZE - first
 
         async def call():
+            handle.check()
             reply = await self.request(handle.nodeid, Read(handle.fh, first, aligned))
             data = reply.body.data
             cache.stats.bytes_fetched += len(data)
@@ -651,23 +733,35 @@ class GuestClient:
         return ReadResult(data[start: start + size], False)
 
     async def write(self, handle: FileHandle, offset: int, data: bytes) -> WriteResult:
-        """Write at `offset` (retried after a lost session: a positional write repeats safely)."""
+        """Write at `offset`.  Retried after a lost session, carried out at most
+        once (the host's reply cache); raises OutcomeUnknown if the host
+        restarted meanwhile, ESTALE if the file was replaced."""
+        unique = self.new_unique()
+
         async def call():
+            handle.check()
             self.cache.forget_own_copy(handle.nodeid)
-            reply = await self.request(handle.nodeid, Write(handle.fh, offset, data))
+            reply = await self.request(handle.nodeid, Write(handle.fh, offset, data), unique)
             self._take_reply_lease(handle.nodeid, reply, modifies=True)
             return WriteResult(reply.body.size, reply.lease.first_dirty)
-        return await self._retrying(call)
+        return await self._retrying(call, idempotent=False)
 
     async def truncate(self, handle: FileHandle, size: int) -> None:
+        """Set the file's size; retried as `write` is."""
+        unique = self.new_unique()
+
         async def call():
+            handle.check()
             self.cache.forget_own_copy(handle.nodeid)
-            reply = await self.request(handle.nodeid, Setattr(FATTR_SIZE, size=size))
+            reply = await self.request(handle.nodeid, Setattr(FATTR_SIZE, size=size), unique)
             self._take_reply_lease(handle.nodeid, reply, modifies=True)
-        await self._retrying(call)
+        await self._retrying(call, idempotent=False)
 
     async def fsync(self, handle: FileHandle, datasync: bool = False) -> None:
-        await self._retrying(lambda: self.request(handle.nodeid, Fsync(handle.fh, 1 if datasync else 0)))
+        async def call():
+            handle.check()
+            await self.request(handle.nodeid, Fsync(handle.fh, 1 if datasync else 0))
+        await self._retrying(call)
 
     async def close_file(self, handle: FileHandle) -> None:
         self._files.discard(handle)

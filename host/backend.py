@@ -48,6 +48,7 @@ import ctypes
 import errno
 import os
 import stat as _stat
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from host.inodes import ROOT_NODEID, InodeStore
@@ -527,17 +528,29 @@ class ExportFS:
         # POSIX locks are dropped), without giving up the handle.
         os.close(os.dup(handle.fd))
 
-    def fsync(self, owner: int, fh: int, datasync: bool) -> None:
-        """``fdatasync`` if ``datasync`` else ``fsync`` the handle's file.
+    def fsync(self, owner: int, fh: int, datasync: bool) -> Callable[[], None]:
+        """A call that ``fdatasync``s (if ``datasync``, else ``fsync``s) the
+        handle's file, to be run in a worker thread.
+
+        It works on a duplicate of the handle's fd taken now, so a RELEASE of
+        the handle (or the inode being dropped) while it runs can neither make
+        it fail with ``EBADF`` nor, through a reused fd number, sync another
+        file.  The call closes its duplicate.
 
         Raises:
-          OSError: ``EBADF``, ``EIO``...
+          OSError: ``EBADF`` now; ``EIO``... from the call.
         """
-        handle = self._handle(owner, fh)
-        if datasync:
-            os.fdatasync(handle.fd)
-        else:
-            os.fsync(handle.fd)
+        return _sync_call(os.dup(self._handle(owner, fh).fd), datasync)
+
+    def flush_inode(self, nodeid: int) -> Callable[[], None]:
+        """A call that ``fdatasync``s regular file ``nodeid`` (through the daemon's
+        own writable fd, see `writable_fd`), to be run in a worker thread; like
+        `fsync`, on a duplicate taken now.
+
+        Raises:
+          OSError: as `writable_fd` now; ``EIO``... from the call.
+        """
+        return _sync_call(os.dup(self.writable_fd(nodeid)), True)
 
     def release(self, owner: int, fh: int) -> None:
         """Close handle ``fh``; its number is not issued again.
@@ -568,9 +581,14 @@ class ExportFS:
 
         Never raises for an unknown owner.
         """
+        self.close_handles_of(owner)
+        self._store.drop_owner(owner)
+
+    def close_handles_of(self, owner: int) -> None:
+        """Close all of ``owner``'s handles; its nodeids stay known (`drop_owner`
+        forgets them).  Never raises for an unknown owner."""
         for fh in list(self._owner_handles.get(owner, ())):
             self._drop_handle(fh, self._handles[fh])
-        self._store.drop_owner(owner)
 
     def inode_key(self, nodeid: int) -> tuple[int, int]:
         """``(st_dev, st_ino)`` of a live nodeid, whoever holds it.
@@ -652,6 +670,16 @@ class ExportFS:
         fd = self._writable.pop(nodeid, None)
         if fd is not None:
             os.close(fd)
+
+
+def _sync_call(fd: int, datasync: bool) -> Callable[[], None]:
+    """fdatasync/fsync `fd` once, then close it (whatever the outcome)."""
+    def sync() -> None:
+        try:
+            (os.fdatasync if datasync else os.fsync)(fd)
+        finally:
+            os.close(fd)
+    return sync
 
 
 def _dtype(entry: os.DirEntry[str]) -> int:

@@ -31,7 +31,15 @@ every other holder before the open is answered.
 
 Directories are never DIRTY: each namespace change in a directory recalls the
 name from the directory's holders (INVAL_ENTRY) before it lands, and the
-holders keep their lease on the rest of the directory.
+holders keep their lease on the rest of the directory.  From
+`begin_namespace_change` until `namespace_change_landed` the directory's
+names are in flux: no lease on it is granted and its entries may not be
+cached (`names_changing`), so that a LOOKUP answered while a recall still
+waits for a slow holder cannot put the old name back into a cache.
+
+Terms: a guest serves from its cache only until its term, counted from the
+last renewal the host gave it, has run out.  `term_end` is where the host
+counts it to, with a margin for clocks that run at slightly different rates.
 
 never / ttl / always grant no leases and recall nothing: what the guest
 caches under them is decided by the guest's policy alone (guest/cache.py).
@@ -99,9 +107,33 @@ class InodeLeases:
     armed: bool = True
     # Where a recall leads: DIRTY for clean-lease, back to CLEAN for open-lease.
     after_recall: InodeState = InodeState.DIRTY
+    # Directories: namespace changes begun and not landed yet.
+    names_changing: int = 0
 
 
 HOST_LOCAL = -1  # the "guest id" of writers that do not come through the daemon
+
+# The host and a guest may measure time at slightly different rates (NTP slews
+# at most 500 ppm; a VM's clock can drift further), and the guest counts its
+# term from when it sent a request while the host counts from when it received
+# it.  The host therefore fences a silent guest only at `term_end`: the term
+# stretched by CLOCK_RATE_MARGIN, plus CLOCK_MARGIN_S.  A guest whose clock
+# stops altogether (a paused VM whose clock is paused with it) is outside what
+# any margin covers: docs/design.md, "Terms and fencing".
+CLOCK_RATE_MARGIN = 0.01
+CLOCK_MARGIN_S = 0.05
+
+
+def term_end(renewed_at: float, term_s: float) -> float:
+    """The instant (host clock) after which a guest last renewed at `renewed_at`
+    surely serves nothing from its cache any more."""
+    return renewed_at + term_s * (1.0 + CLOCK_RATE_MARGIN) + CLOCK_MARGIN_S
+
+
+def stall_bound_s(ack_timeout_s: float, term_s: float) -> float:
+    """The longest a modification waits for its recall, however many holders
+    are silent (they are waited for concurrently): invariant 3's bound."""
+    return ack_timeout_s + term_end(0.0, term_s)
 
 
 class LeaseTable:
@@ -164,7 +196,7 @@ class LeaseTable:
         leases = self.inode(ino, is_dir=is_dir)
         if leases.state is not InodeState.CLEAN:
             return None
-        if not leases.armed:
+        if not leases.armed or leases.names_changing:
             return None
         if self.policy is Policy.OPEN_LEASE and any(leases.writers.values()):
             return None
@@ -258,16 +290,31 @@ class LeaseTable:
         """A name in `directory` is about to change: recall it from the holders.
 
         Holders keep their lease on the directory (they only drop the name),
-        so the set is not emptied and the directory never turns DIRTY.
+        so the set is not emptied and the directory never turns DIRTY.  Until
+        the matching `namespace_change_landed`, `names_changing(directory)`
+        is true and no lease on the directory is granted.
         """
         if not self.leasing:
             return None
         leases = self.inode(directory, is_dir=True)
+        leases.names_changing += 1
         leases.generation += 1
         holders = frozenset(leases.holders - {writer})
         if not holders:
             return None
         return Recall(directory, leases.generation, holders)
+
+    def namespace_change_landed(self, directory: int) -> None:
+        """The change begun by `begin_namespace_change` landed (or failed): over."""
+        leases = self._inodes.get(directory)
+        if leases is not None and leases.names_changing:
+            leases.names_changing -= 1
+
+    def names_changing(self, directory: int) -> bool:
+        """A namespace change in `directory` is under way: a LOOKUP answered now
+        must say that its entry may not be cached."""
+        leases = self._inodes.get(directory)
+        return leases is not None and leases.names_changing > 0
 
     # --- clean again --------------------------------------------------------------
 
@@ -336,6 +383,15 @@ class LeaseTable:
                 held.append(ino)
             leases.writers.pop(guest, None)
         return held
+
+    def drop_writer(self, guest: int) -> None:
+        """`guest`'s handles were closed: its open-for-write counts go (open-lease)."""
+        for leases in self._inodes.values():
+            leases.writers.pop(guest, None)
+
+    def holds_any(self, guest: int) -> bool:
+        """Whether `guest` holds a lease on anything."""
+        return any(guest in leases.holders for leases in self._inodes.values())
 
     def leased_inodes(self) -> list[int]:
         """Inodes some guest holds a lease on."""

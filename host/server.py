@@ -15,19 +15,21 @@ the modification only then, and flushes and re-arms dirty inodes.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import json
 import logging
 import os
 import stat as stat_module
 import time
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-from host import cachestat
+from host import cachestat, replies
 from host.backend import ExportFS
 from host.detectors import Detector as HostDetector
 from host.detectors import NullDetector
-from host.leases import HOST_LOCAL, WAIT, InodeState, LeaseTable, Recall
+from host.leases import HOST_LOCAL, WAIT, InodeState, LeaseTable, Recall, term_end
 from protocol import auth, wire
 from protocol.address import parse_address
 from protocol.codec import UnsupportedOpcode
@@ -37,6 +39,7 @@ from protocol.fuse import FATTR_ATIME, FATTR_FH, FATTR_MODE, FATTR_MTIME, FATTR_
 from protocol.messages import (
     LEASE_FIRST_DIRTY,
     LEASE_GRANTED,
+    LEASE_NOT_RENEWED,
     NO_LEASE,
     Ack,
     Attr,
@@ -67,6 +70,27 @@ from protocol.messages import (
 log = logging.getLogger("cleanlease.host")
 
 EKEYEXPIRED = errno.EKEYEXPIRED  # the reply to every request of a fenced guest
+
+
+class FailedModification(OSError):
+    """A modification failed after its recall had started (EFBIG, ENOSPC, EIO...).
+
+    The recall happened and the inode's generation moved on, so the error
+    reply must still carry it (`lease`): the writer then drops any grant of an
+    older generation still on its way, as after a successful modification."""
+
+    def __init__(self, exc: OSError, lease: LeaseGrant):
+        super().__init__(exc.errno, exc.strerror)
+        self.lease = lease
+
+
+@dataclass
+class Modification:
+    """What `HostDaemon.modification` yields: the inode, and whether this is the
+    first dirtying modification (it started a recall)."""
+
+    nodeid: int
+    first: bool
 
 
 @dataclass
@@ -109,6 +133,10 @@ class HostStats:
     bytes_to_guests: int = 0
     host_local_events: int = 0
     recall_wait_max_ns: int = 0  # the longest a recall has taken (there were `recalls`)
+    # Holders whose connection was lost while they held a lease: a recall
+    # waited for their term to run out (a mount's kernel keeps its pages).
+    departed_waits: int = 0
+    renewals_withheld: int = 0  # replies sent with LEASE_NOT_RENEWED (an ACK was owed)
 
     def as_dict(self) -> dict:
         d = dict(self.__dict__)
@@ -127,7 +155,13 @@ class Session:
                                max_in_flight=daemon.config.max_in_flight)
         self.guest_id = 0
         self.name = "?"
+        self.client_id = bytes(16)
         self.last_seen = time.monotonic()
+        # The latest instant from which the host renewed this guest's term: the
+        # arrival of a request (or HEARTBEAT) whose reply renewed it.  No reply
+        # renews while an invalidation is owed (`acks`), so while the host waits
+        # for an ACK, this, and the instant it may fence at, stand still.
+        self.renewed_at = self.last_seen
         self.fenced = False
         self.closed = False
         self.write_handles: dict[int, int] = {}  # fh -> nodeid, for open-lease
@@ -146,8 +180,20 @@ class Session:
         self.transport.write(data)
 
     def lease_expiry(self) -> float:
-        """The latest instant this guest may still serve from its cache."""
-        return self.last_seen + self.daemon.config.lease_term_ms / 1000.0
+        """The instant after which this guest surely serves nothing from its cache,
+        clock margins included (host/leases.py, `term_end`)."""
+        return term_end(self.renewed_at, self.daemon.config.lease_term_ms / 1000.0)
+
+    def renews(self, received_at: float) -> bool:
+        """May a reply to a frame received at `received_at` renew this guest's term?
+
+        Not while an invalidation sent to it is unACKed, nor once it is fenced.
+        When it may, the term is counted from `received_at` from now on."""
+        if self.fenced or self.acks:
+            return False
+        if received_at > self.renewed_at:
+            self.renewed_at = received_at
+        return True
 
 
 class _GuestProtocol(asyncio.Protocol):
@@ -184,6 +230,9 @@ class HostDaemon:
         self._next_guest_id = 1
         self._next_seq = 1
         self._recall_done: dict[int, asyncio.Future] = {}
+        self._departed: dict[int, Session] = {}  # lost connections whose term runs on
+        self.replies = replies.ReplyCache(per_client=config.max_in_flight,
+                                          clients=4 * config.max_sessions)
         self._flush_timers: dict[int, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task] = set()
         self._server: asyncio.AbstractServer | None = None
@@ -277,6 +326,7 @@ class HostDaemon:
             guest_id = self._next_guest_id
             self._next_guest_id += 1
             session.guest_id, session.name = guest_id, hello.name
+            session.client_id = hello.client_id
             if cfg.token is not None:
                 # The host decides, whatever the guest offered.
                 features |= wire.FEATURE_AUTH
@@ -336,18 +386,30 @@ class HostDaemon:
     def _dispatch_event(self, session: Session, event) -> None:
         if isinstance(event, FsRequest):
             self.stats.requests += 1
-            self._spawn(self._serve_request(session, event))
+            self._spawn(self._serve_request(session, event, session.last_seen))
         elif isinstance(event, Ack):
             self.stats.acks += 1
             future = session.acks.pop(event.seq, None)
             if future is not None and not future.done():
                 future.set_result(None)
         elif isinstance(event, Heartbeat):
-            session.send(HeartbeatReply(event.seq))
+            self._heartbeat(session, event)
         elif isinstance(event, Hello):
             self._hello(session, event)
         elif isinstance(event, Auth):
             self._auth(session, event)
+
+    def _heartbeat(self, session: Session, heartbeat: Heartbeat) -> None:
+        """Renew the guest's term, or say why not: a fenced session learns that it
+        was fenced from its next frame of any kind, heartbeats included."""
+        if session.fenced:
+            error = -EKEYEXPIRED
+        elif not session.renews(session.last_seen):
+            self.stats.renewals_withheld += 1
+            error = -errno.EAGAIN
+        else:
+            error = 0
+        session.send(HeartbeatReply(heartbeat.seq, error))
 
     def _spawn(self, coro) -> None:
         task = asyncio.ensure_future(coro)
@@ -355,21 +417,75 @@ class HostDaemon:
         task.add_done_callback(self._tasks.discard)
 
     def session_lost(self, session: Session) -> None:
-        """A guest went away: its leases, handles and pending ACKs go with it."""
+        """A guest's connection went away: its handles go at once, its leases only
+        once its term has surely run out.
+
+        A lost connection is not an ACK: a guest that mounted the export may
+        still serve its kernel's pages and attributes.  Until `lease_expiry`
+        it counts as a silent holder (`_departed`): a recall waits for its
+        term to run out, and its pending ACKs stay unanswered."""
         session.closed = True
         self._end_handshake(session)
-        if self.sessions.get(session.guest_id) is session:
-            del self.sessions[session.guest_id]
-            self.leases.drop_holder(session.guest_id)
-            self.fs.drop_owner(session.guest_id)
-        for future in session.acks.values():
-            if not future.done():
-                future.set_result(None)  # a guest that is gone caches nothing
-        session.acks.clear()
+        if self.sessions.get(session.guest_id) is not session:
+            return
+        del self.sessions[session.guest_id]
+        self.fs.close_handles_of(session.guest_id)
+        self.leases.drop_writer(session.guest_id)
+        remaining = session.lease_expiry() - time.monotonic()
+        if session.fenced or remaining <= 0 or not self.leases.holds_any(session.guest_id):
+            self._forget_guest(session.guest_id)
+            return
+        # Its node ids stay known too: a lease is kept by node id, and a writer
+        # looking the file up again must find the same one, and its holder.
+        self._departed[session.guest_id] = session
+        asyncio.get_running_loop().call_later(remaining, self._departed_expired, session)
+
+    def _departed_expired(self, session: Session) -> None:
+        """The term of a guest whose connection was lost has run out: it holds nothing."""
+        if self._departed.pop(session.guest_id, None) is session:
+            self._forget_guest(session.guest_id)
+
+    def _forget_guest(self, guest: int) -> None:
+        self.leases.drop_holder(guest)
+        self.fs.drop_owner(guest)
 
     # --- one request --------------------------------------------------------------
 
-    async def _serve_request(self, session: Session, request: FsRequest) -> None:
+    async def _serve_request(self, session: Session, request: FsRequest,
+                             received_at: float) -> None:
+        if (session.client_id != replies.NO_CLIENT_ID and not session.fenced
+                and replies.needs_reply_cache(request)):
+            reply = await self._at_most_once(session, request)
+        else:
+            reply = await self._carry_out(session, request)
+        if reply is not None and not session.renews(received_at):
+            self.stats.renewals_withheld += 1
+            reply = dataclasses.replace(reply, lease=dataclasses.replace(
+                reply.lease, flags=reply.lease.flags | LEASE_NOT_RENEWED))
+        if reply is not None and not session.closed:
+            try:
+                session.send(reply)
+            except ProtocolError as exc:  # e.g. a reply larger than the frame maximum
+                log.error("guest %d: cannot send reply: %s", session.guest_id, exc)
+                session.send(FsReply(request.unique, -errno.EIO))
+
+    async def _at_most_once(self, session: Session, request: FsRequest) -> FsReply:
+        """Carry out a non-idempotent request once per (client id, unique): a
+        retry after a reconnect gets the first attempt's reply, waiting for it
+        if that attempt is still under way (host/replies.py)."""
+        earlier = self.replies.first_attempt(session.client_id, request.unique)
+        if earlier is not None:
+            return await asyncio.shield(earlier)
+        first = self.replies.record(session.client_id, request.unique)
+        reply = FsReply(request.unique, -errno.EIO)  # should this attempt be cancelled
+        try:
+            reply = await self._carry_out(session, request)
+            return reply
+        finally:
+            first.set_result(reply)
+
+    async def _carry_out(self, session: Session, request: FsRequest) -> FsReply | None:
+        """Run the request's handler; an errno (or a bug) becomes an error reply."""
         handler = HANDLERS.get(request.opcode)
         try:
             if session.fenced:
@@ -379,17 +495,13 @@ class HostDaemon:
             reply = await handler(self, session, request)
         except OSError as exc:
             self.stats.errors += 1
-            reply = FsReply(request.unique, -(exc.errno or errno.EIO))
+            reply = FsReply(request.unique, -(exc.errno or errno.EIO),
+                            lease=getattr(exc, "lease", NO_LEASE))
         except Exception:  # a bug must not take the daemon down
             self.stats.errors += 1
             log.exception("guest %d: %s failed", session.guest_id, request.opcode.name)
             reply = FsReply(request.unique, -errno.EIO)
-        if reply is not None and not session.closed:
-            try:
-                session.send(reply)
-            except ProtocolError as exc:  # e.g. a reply larger than the frame maximum
-                log.error("guest %d: cannot send reply: %s", session.guest_id, exc)
-                session.send(FsReply(request.unique, -errno.EIO))
+        return reply
 
     def lease_for(self, session: Session, nodeid: int, *, is_dir: bool = False) -> LeaseGrant:
         """Grant `session` a lease on `nodeid` if the policy allows; the reply must
@@ -433,9 +545,12 @@ class HostDaemon:
         return LeaseGrant(nodeid, leases.generation if leases else 0, 0,
                           LEASE_FIRST_DIRTY if first_dirty else 0)
 
-    def entry_out(self, nodeid: int, st: os.stat_result) -> EntryOut:
+    def entry_out(self, nodeid: int, st: os.stat_result, *, cacheable: bool = True) -> EntryOut:
+        """The entry of a LOOKUP (or CREATE, MKDIR) reply.  With `cacheable`
+        false its entry validity is 0: a guest (the kernel of a mount, or the
+        library client) must not cache the name."""
         valid = self._validity_s()
-        return EntryOut(nodeid, 0, valid, valid, 0, 0, Attr.from_stat(st))
+        return EntryOut(nodeid, 0, valid if cacheable else 0, valid, 0, 0, Attr.from_stat(st))
 
     def attr_out(self, st: os.stat_result) -> AttrOut:
         return AttrOut(self._validity_s(), 0, Attr.from_stat(st))
@@ -451,12 +566,36 @@ class HostDaemon:
 
     # --- modifications: the first dirtying write path ----------------------------
 
+    @asynccontextmanager
+    async def modification(self, nodeid: int, writer: int, *, is_dir: bool = False):
+        """`async with d.modification(nodeid, writer) as m:` carry out one modification.
+
+        On entry, waits until no other guest can serve its copy of `nodeid`
+        (`modify`); `m.first` says whether this modification started the
+        recall.  The body must modify with no await in between.  Every exit of
+        the body, success, an errno or a cancellation, counts the modification
+        as landed and schedules the flush that leads back to CLEAN
+        (`modified`), since after the recall the daemon cannot know the file
+        is unchanged.  An OSError from the body is raised again as a
+        FailedModification carrying the trailer (`revoked`) that publishes the
+        inode's new generation to the writer.
+        """
+        first = await self.modify(nodeid, writer, is_dir=is_dir)
+        try:
+            yield Modification(nodeid, first)
+        except OSError as exc:
+            raise FailedModification(exc, self.revoked(nodeid, first)) from exc
+        finally:
+            self.modified(nodeid)
+
     async def modify(self, nodeid: int, writer: int, *, is_dir: bool = False) -> bool:
         """Return once `writer` may modify `nodeid`: every other guest's copy is gone.
 
         Returns True if this modification is the first dirtying one (it
         started a recall).  Must be followed, with no await in between, by the
-        modification and `modified(nodeid)`.
+        modification and `modified(nodeid)`: use `modification`, which pairs
+        them on every exit.  Host-local writers (whose modification the kernel
+        carries out) call it directly.
         """
         if await self._recall_for(nodeid, lambda: self.leases.begin_modification(
                 nodeid, writer, is_dir=is_dir)):
@@ -483,15 +622,29 @@ class HostDaemon:
     async def _recall_for(self, nodeid: int, decide) -> bool:
         """Ask the lease table (`decide()`) until no recall of `nodeid` is in progress,
         and carry out the Recall it answers, if any.  True if there was one: then
-        every other copy of `nodeid` is gone (invariant 2)."""
+        every other copy of `nodeid` is gone (invariant 2).
+
+        The recall runs as the daemon's own task, not the caller's: a caller
+        cancelled while it waits does not cut a recall short (that would leave
+        the inode DIRTY with a holder that never purged, so that later writes
+        would send it nothing)."""
         while (decision := decide()) is WAIT:
             await asyncio.shield(self._recall_done[nodeid])
         if not isinstance(decision, Recall):
             return False
-        await self._carry_out_recall(decision, lambda seq: Invalidate(
-            seq, decision.ino, 0, 0, decision.generation))
-        self.leases.recall_finished(nodeid)
+        recall = asyncio.ensure_future(self._recall(decision))
+        self._recall_done[nodeid] = recall  # before any await: a second writer WAITs on it
+        await asyncio.shield(recall)
         return True
+
+    async def _recall(self, recall: Recall) -> None:
+        """Carry out `recall` of an inode's data; then the modification may land."""
+        try:
+            await self._carry_out_recall(recall, lambda seq: Invalidate(
+                seq, recall.ino, 0, 0, recall.generation))
+        finally:
+            self.leases.recall_finished(recall.ino)
+            self._recall_done.pop(recall.ino, None)
 
     def before_create(self, parent: int, name: bytes) -> None:
         """CREATE may open an existing file for write: under open-lease, drop the
@@ -506,76 +659,93 @@ class HostDaemon:
         if nodeid is not None:
             self.detector.disarm(nodeid)
 
-    async def namespace_change(self, directory: int, name: bytes, writer: int) -> None:
-        """Return once no other guest may serve `name` in `directory` from its cache."""
-        decision = self.leases.begin_namespace_change(directory, writer)
-        if isinstance(decision, Recall):
-            await self._carry_out_recall(decision, lambda seq: InvalEntry(
-                seq, directory, name, decision.generation), track=False)
+    @asynccontextmanager
+    async def namespace_change(self, directory: int, name: bytes, writer: int):
+        """`async with d.namespace_change(directory, name, writer):` change one name.
 
-    async def _carry_out_recall(self, recall: Recall, make, *, track: bool = True) -> None:
+        On entry, waits until no other guest may serve `name` in `directory`
+        from its cache.  From entry until every exit of the body (the change
+        landed, failed or was cancelled), the directory's names are in flux:
+        no lease on it is granted and LOOKUPs in it say that their entry may
+        not be cached (`entry_out`), so that a lookup answered while the
+        recall still waits for a slow holder cannot cache the old name.
+        """
+        decision = self.leases.begin_namespace_change(directory, writer)
+        try:
+            if isinstance(decision, Recall):
+                await asyncio.shield(asyncio.ensure_future(self._carry_out_recall(
+                    decision, lambda seq: InvalEntry(seq, directory, name, decision.generation))))
+            yield
+        finally:
+            self.leases.namespace_change_landed(directory)
+
+    async def _carry_out_recall(self, recall: Recall, make) -> None:
         """Send one invalidation to each holder and wait for every ACK or fence.
 
         Invariant 2: this returns only when no holder can still serve the old
-        data: it ACKed, disconnected, or was fenced after its term ran out.
+        data: it ACKed, or its term has surely run out (it was fenced, or its
+        connection was lost that long ago).  The holders are waited for
+        concurrently, so the wait is at most ack timeout + term (+ the clock
+        margin) however many of them are silent (invariant 3).
         """
-        loop = asyncio.get_running_loop()
-        done = loop.create_future() if track else None
-        if track:
-            self._recall_done[recall.ino] = done
         started = time.monotonic_ns()
         self.stats.recalls += 1
         try:
-            waiting: dict[asyncio.Future, Session] = {}
+            waits = []
             for guest in recall.holders:
                 session = self.sessions.get(guest)
-                if session is None or session.closed or session.fenced:
-                    continue
-                seq = self._next_seq
-                self._next_seq += 1
-                message = make(seq)
-                future = loop.create_future()
-                session.acks[seq] = future
-                try:
-                    session.send(message)
-                except ProtocolError:
-                    session.transport.abort()
-                    continue
-                if isinstance(message, Invalidate):
-                    self.stats.invalidations_sent += 1
-                else:
-                    self.stats.inval_entries_sent += 1
-                waiting[future] = session
-            if waiting:
-                timeout = self.config.ack_timeout_ms / 1000.0
-                _, pending = await asyncio.wait(list(waiting), timeout=timeout)
-                for future in pending:
-                    await self._fence(waiting[future], future)
+                if session is not None and not session.closed and not session.fenced:
+                    waits.append(self._await_ack(session, self._send_invalidation(session, make)))
+                elif (departed := self._departed.get(guest)) is not None:
+                    self.stats.departed_waits += 1
+                    waits.append(self._await_term_end(departed))
+            await asyncio.gather(*waits)
         finally:
             waited = time.monotonic_ns() - started
             self.stats.recall_wait_max_ns = max(self.stats.recall_wait_max_ns, waited)
-            if track:
-                self._recall_done.pop(recall.ino, None)
-                if not done.done():
-                    done.set_result(None)
 
-    async def _fence(self, session: Session, ack: asyncio.Future) -> None:
-        """A holder did not ACK in time: wait until its lease has surely expired
-        (it stops serving from cache by itself then), or its ACK comes late."""
-        remaining = session.lease_expiry() - time.monotonic()
-        if remaining > 0:
-            try:
-                await asyncio.wait_for(asyncio.shield(ack), remaining)
-                return
-            except asyncio.TimeoutError:
-                pass
-        if ack.done():
+    def _send_invalidation(self, session: Session, make) -> asyncio.Future:
+        """Send `make(seq)` to `session`; returns the future of its ACK.  If it
+        cannot be sent, the connection is closed: a lost one, never ACKed."""
+        seq = self._next_seq
+        self._next_seq += 1
+        message = make(seq)
+        ack = asyncio.get_running_loop().create_future()
+        session.acks[seq] = ack  # from now on no reply renews this guest's term
+        try:
+            session.send(message)
+        except ProtocolError:
+            session.transport.abort()
+        if isinstance(message, Invalidate):
+            self.stats.invalidations_sent += 1
+        else:
+            self.stats.inval_entries_sent += 1
+        return ack
+
+    async def _await_ack(self, session: Session, ack: asyncio.Future) -> None:
+        """Wait for one holder's ACK: up to the ack timeout, or up to the end of
+        its term if that is later.  A holder that has not ACKed by then is
+        fenced: its term has surely run out, so it serves nothing any more.
+        A lost connection is not an ACK: its future is never resolved."""
+        # Its term stands still from the moment the invalidation was sent
+        # (Session.renews), so this limit cannot move however busy it is.
+        limit = max(self.config.ack_timeout_ms / 1000.0, session.lease_expiry() - time.monotonic())
+        try:
+            await asyncio.wait_for(asyncio.shield(ack), limit)
             return
+        except asyncio.TimeoutError:
+            pass
         log.warning("guest %s (%d) did not ACK; fenced after its lease term", session.name,
                     session.guest_id)
         session.fenced = True
         self.stats.fenced += 1
         self.leases.drop_holder(session.guest_id)
+
+    async def _await_term_end(self, session: Session) -> None:
+        """A holder whose connection was lost: wait until its term has surely run out."""
+        remaining = session.lease_expiry() - time.monotonic()
+        if remaining > 0:
+            await asyncio.sleep(remaining)
 
     # --- host-local changes, reported by the detector ---------------------------------
 
@@ -600,7 +770,11 @@ class HostDaemon:
     def host_local_namespace_change(self, directory: int, name: bytes) -> None:
         """After the fact: a name in `directory` changed on the host."""
         self.stats.host_local_events += 1
-        self._spawn(self.namespace_change(directory, name, HOST_LOCAL))
+        self._spawn(self._recall_host_local_name(directory, name))
+
+    async def _recall_host_local_name(self, directory: int, name: bytes) -> None:
+        async with self.namespace_change(directory, name, HOST_LOCAL):
+            pass  # the change has landed already: only its recall is left to do
 
     def host_local_overflow(self) -> None:
         """Events were lost: recall every lease, since any inode may have changed."""
@@ -620,11 +794,16 @@ class HostDaemon:
     async def _idle_flush(self, nodeid: int) -> None:
         self._flush_timers.pop(nodeid, None)
         try:
-            fd = self.fs.writable_fd(nodeid)
+            sync = self.fs.flush_inode(nodeid)
         except OSError:
             return  # gone (unlinked and forgotten): nothing to re-arm
         mark = self.leases.flush_started(nodeid)
-        await asyncio.to_thread(os.fdatasync, fd)
+        try:
+            await asyncio.to_thread(sync)
+        except OSError as exc:  # EIO from writeback: stay DIRTY, try again later
+            log.warning("flush of node %d failed: %s; will retry", nodeid, exc)
+            self._schedule_flush(nodeid)
+            return
         self.stats.flushes += 1
         self.leases.flush_finished(nodeid, mark)
         self.try_rearm(nodeid)
@@ -656,6 +835,7 @@ class HostDaemon:
 
     def stats_dict(self) -> dict:
         d = self.stats.as_dict()
+        d["retries_answered"] = self.replies.answered
         d["policy"] = self.config.policy.label
         d["detector"] = self.detector.label
         d["detector_events"] = self.detector.events
@@ -682,7 +862,10 @@ def _is_dir(st: os.stat_result) -> bool:
 
 async def _lookup(d: HostDaemon, s: Session, r: FsRequest) -> FsReply:
     nodeid, st = d.fs.lookup(s.guest_id, r.nodeid, r.op.name)
-    return FsReply(r.unique, 0, d.entry_out(nodeid, st), d.lease_for(s, nodeid, is_dir=_is_dir(st)))
+    # While a name in the directory is being recalled, the entry may not be cached.
+    cacheable = not d.leases.names_changing(r.nodeid)
+    return FsReply(r.unique, 0, d.entry_out(nodeid, st, cacheable=cacheable),
+                   d.lease_for(s, nodeid, is_dir=_is_dir(st)))
 
 
 async def _forget(d: HostDaemon, s: Session, r: FsRequest) -> None:
@@ -698,15 +881,14 @@ async def _getattr(d: HostDaemon, s: Session, r: FsRequest) -> FsReply:
 async def _setattr(d: HostDaemon, s: Session, r: FsRequest) -> FsReply:
     op = r.op
     before = d.fs.getattr(s.guest_id, r.nodeid)  # refuse unknown nodeids before recalling
-    await d.modify(r.nodeid, s.guest_id, is_dir=_is_dir(before))
-    st = d.fs.setattr(
-        s.guest_id, r.nodeid,
-        size=op.size if op.valid & FATTR_SIZE else None,
-        mode=op.mode & 0o7777 if op.valid & FATTR_MODE else None,
-        atime_ns=op.atime * 1_000_000_000 + op.atimensec if op.valid & FATTR_ATIME else None,
-        mtime_ns=op.mtime * 1_000_000_000 + op.mtimensec if op.valid & FATTR_MTIME else None,
-        fh=op.fh if op.valid & FATTR_FH else None)
-    d.modified(r.nodeid)
+    async with d.modification(r.nodeid, s.guest_id, is_dir=_is_dir(before)):
+        st = d.fs.setattr(
+            s.guest_id, r.nodeid,
+            size=op.size if op.valid & FATTR_SIZE else None,
+            mode=op.mode & 0o7777 if op.valid & FATTR_MODE else None,
+            atime_ns=op.atime * 1_000_000_000 + op.atimensec if op.valid & FATTR_ATIME else None,
+            mtime_ns=op.mtime * 1_000_000_000 + op.mtimensec if op.valid & FATTR_MTIME else None,
+            fh=op.fh if op.valid & FATTR_FH else None)
     return FsReply(r.unique, 0, d.attr_out(st), d.revoked(r.nodeid))
 
 
@@ -724,14 +906,14 @@ async def _open(d: HostDaemon, s: Session, r: FsRequest) -> FsReply:
         await d.open_for_write(r.nodeid, s.guest_id)
     try:
         if flags & os.O_TRUNC:
-            await d.modify(r.nodeid, s.guest_id)
-        fh = d.fs.open(s.guest_id, r.nodeid, flags)
+            async with d.modification(r.nodeid, s.guest_id):
+                fh = d.fs.open(s.guest_id, r.nodeid, flags)
+        else:
+            fh = d.fs.open(s.guest_id, r.nodeid, flags)
     except BaseException:
         if writing:
             d.leases.close_for_write(r.nodeid, s.guest_id)
         raise
-    if flags & os.O_TRUNC:
-        d.modified(r.nodeid)
     if writing:
         s.write_handles[fh] = r.nodeid
         lease = d.revoked(r.nodeid)
@@ -743,17 +925,16 @@ async def _open(d: HostDaemon, s: Session, r: FsRequest) -> FsReply:
 async def _create(d: HostDaemon, s: Session, r: FsRequest) -> FsReply:
     op = r.op
     d.fs.getattr(s.guest_id, r.nodeid)
-    await d.namespace_change(r.nodeid, op.name, s.guest_id)
-    d.before_create(r.nodeid, op.name)
-    # O_TRUNC on an existing file is a modification: it must wait for the recall.
-    flags = op.flags & ~os.O_TRUNC
-    nodeid, st, fh = d.fs.create(s.guest_id, r.nodeid, op.name, flags, op.mode & ~op.umask)
+    async with d.namespace_change(r.nodeid, op.name, s.guest_id):
+        d.before_create(r.nodeid, op.name)
+        # O_TRUNC on an existing file is a modification: it must wait for the recall.
+        flags = op.flags & ~os.O_TRUNC
+        nodeid, st, fh = d.fs.create(s.guest_id, r.nodeid, op.name, flags, op.mode & ~op.umask)
     await d.open_for_write(nodeid, s.guest_id)
     s.write_handles[fh] = nodeid
     if op.flags & os.O_TRUNC and st.st_size:
-        await d.modify(nodeid, s.guest_id)
-        st = d.fs.setattr(s.guest_id, nodeid, size=0, fh=fh)
-        d.modified(nodeid)
+        async with d.modification(nodeid, s.guest_id):
+            st = d.fs.setattr(s.guest_id, nodeid, size=0, fh=fh)
     return FsReply(r.unique, 0, CreateOut(d.entry_out(nodeid, st), OpenOut(fh)), d.revoked(nodeid))
 
 
@@ -768,10 +949,9 @@ async def _read(d: HostDaemon, s: Session, r: FsRequest) -> FsReply:
 async def _write(d: HostDaemon, s: Session, r: FsRequest) -> FsReply:
     op = r.op
     nodeid = d.fs.nodeid_of_handle(s.guest_id, op.fh)
-    first = await d.modify(nodeid, s.guest_id)
-    written = d.fs.write(s.guest_id, op.fh, op.offset, op.data)
-    d.modified(nodeid)
-    return FsReply(r.unique, 0, WriteOut(written), d.revoked(nodeid, first))
+    async with d.modification(nodeid, s.guest_id) as m:
+        written = d.fs.write(s.guest_id, op.fh, op.offset, op.data)
+    return FsReply(r.unique, 0, WriteOut(written), d.revoked(nodeid, m.first))
 
 
 async def _flush(d: HostDaemon, s: Session, r: FsRequest) -> FsReply:
@@ -783,7 +963,7 @@ async def _fsync(d: HostDaemon, s: Session, r: FsRequest) -> FsReply:
     op = r.op
     nodeid = d.fs.nodeid_of_handle(s.guest_id, op.fh)
     mark = d.leases.flush_started(nodeid)
-    await asyncio.to_thread(d.fs.fsync, s.guest_id, op.fh, bool(op.fsync_flags & 1))
+    await asyncio.to_thread(d.fs.fsync(s.guest_id, op.fh, bool(op.fsync_flags & 1)))
     d.flushed(nodeid, mark)
     return FsReply(r.unique, 0, EmptyOut())
 
@@ -813,22 +993,22 @@ async def _readdir(d: HostDaemon, s: Session, r: FsRequest) -> FsReply:
 async def _mkdir(d: HostDaemon, s: Session, r: FsRequest) -> FsReply:
     op = r.op
     d.fs.getattr(s.guest_id, r.nodeid)
-    await d.namespace_change(r.nodeid, op.name, s.guest_id)
-    nodeid, st = d.fs.mkdir(s.guest_id, r.nodeid, op.name, op.mode & ~op.umask)
+    async with d.namespace_change(r.nodeid, op.name, s.guest_id):
+        nodeid, st = d.fs.mkdir(s.guest_id, r.nodeid, op.name, op.mode & ~op.umask)
     return FsReply(r.unique, 0, d.entry_out(nodeid, st))
 
 
 async def _unlink(d: HostDaemon, s: Session, r: FsRequest) -> FsReply:
     d.fs.getattr(s.guest_id, r.nodeid)
-    await d.namespace_change(r.nodeid, r.op.name, s.guest_id)
-    d.fs.unlink(s.guest_id, r.nodeid, r.op.name)
+    async with d.namespace_change(r.nodeid, r.op.name, s.guest_id):
+        d.fs.unlink(s.guest_id, r.nodeid, r.op.name)
     return FsReply(r.unique, 0, EmptyOut())
 
 
 async def _rmdir(d: HostDaemon, s: Session, r: FsRequest) -> FsReply:
     d.fs.getattr(s.guest_id, r.nodeid)
-    await d.namespace_change(r.nodeid, r.op.name, s.guest_id)
-    d.fs.rmdir(s.guest_id, r.nodeid, r.op.name)
+    async with d.namespace_change(r.nodeid, r.op.name, s.guest_id):
+        d.fs.rmdir(s.guest_id, r.nodeid, r.op.name)
     return FsReply(r.unique, 0, EmptyOut())
 
 
@@ -836,9 +1016,9 @@ async def _rename(d: HostDaemon, s: Session, r: FsRequest) -> FsReply:
     op = r.op
     d.fs.getattr(s.guest_id, r.nodeid)
     d.fs.getattr(s.guest_id, op.newdir)
-    await d.namespace_change(r.nodeid, op.oldname, s.guest_id)
-    await d.namespace_change(op.newdir, op.newname, s.guest_id)
-    d.fs.rename(s.guest_id, r.nodeid, op.oldname, op.newdir, op.newname)
+    async with (d.namespace_change(r.nodeid, op.oldname, s.guest_id),
+                d.namespace_change(op.newdir, op.newname, s.guest_id)):
+        d.fs.rename(s.guest_id, r.nodeid, op.oldname, op.newdir, op.newname)
     return FsReply(r.unique, 0, EmptyOut())
 
 

@@ -80,8 +80,8 @@ def test_create_write_read_round_trip(fs, dirs):
     assert fs.read(A, fh, 6, 3) == b"WOR"
     assert fs.read(A, fh, 100, 10) == b""
     fs.flush(A, fh)
-    fs.fsync(A, fh, True)
-    fs.fsync(A, fh, False)
+    fs.fsync(A, fh, True)()
+    fs.fsync(A, fh, False)()
     assert fs.read(A, fh, 0, 5) == b"hello"  # flush left the handle open
     assert fs.nodeid_of_handle(A, fh) == nodeid
     fs.release(A, fh)

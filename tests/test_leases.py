@@ -282,6 +282,10 @@ def test_namespace_change_recalls_the_name_but_keeps_the_holders(policy):
     assert t.begin_namespace_change(D, B) == Recall(D, 1, frozenset({A, C}))
     assert t.holders_of(D) == {A, B, C}  # they keep the rest of the directory
     assert t.state_of(D) is CLEAN
+    # Until the change has landed, the directory's names are in flux: no grant.
+    assert t.names_changing(D) and t.grant(D, A, is_dir=True) is None
+    t.namespace_change_landed(D)
+    assert not t.names_changing(D)
     assert t.grant(D, A, is_dir=True) == Grant(D, 1)
     assert t.begin_namespace_change(D, HOST_LOCAL) == Recall(D, 2, frozenset({A, B, C}))
 
@@ -289,6 +293,7 @@ def test_namespace_change_recalls_the_name_but_keeps_the_holders(policy):
 def test_namespace_change_with_no_other_holder_sends_nothing_but_bumps():
     t = LeaseTable(Policy.CLEAN_LEASE)
     assert t.begin_namespace_change(D, A) is None
+    t.namespace_change_landed(D)
     t.grant(D, A, is_dir=True)
     assert t.begin_namespace_change(D, A) is None
     assert t.inode(D).generation == 2
@@ -453,6 +458,7 @@ class CleanLeaseMachine(RuleBasedStateMachine):
         self.flushed = {ino: 0 for ino in FILES}
         self.flushes: list[tuple[int, int]] = []
         self.armed = {ino: not self.needs_arming for ino in FILES}
+        self.names_changing = 0  # namespace changes in D begun and not landed
 
     # --- reads -------------------------------------------------------------------
 
@@ -468,7 +474,13 @@ class CleanLeaseMachine(RuleBasedStateMachine):
 
     @rule(guest=st.sampled_from(GUESTS))
     def read_dir(self, guest):
-        assert self.t.grant(D, guest, is_dir=True) == Grant(D, self.t.inode(D).generation)
+        grant = self.t.grant(D, guest, is_dir=True)
+        if self.names_changing:
+            # A LOOKUP/READDIR answered while a name is being recalled must not
+            # let the old name back into a cache.
+            assert grant is None and self.t.names_changing(D)
+            return
+        assert grant == Grant(D, self.t.inode(D).generation)
         self.live[D].add(guest)
 
     def has_open_writers(self, ino) -> bool:
@@ -525,6 +537,14 @@ class CleanLeaseMachine(RuleBasedStateMachine):
         else:
             assert decision is None
         assert self.t.holders_of(D) == before  # directory holders keep their lease
+        self.names_changing += 1
+
+    @precondition(lambda self: self.names_changing)
+    @rule()
+    def namespace_change_lands(self):
+        self.t.namespace_change_landed(D)
+        self.names_changing -= 1
+        assert self.t.names_changing(D) == bool(self.names_changing)
 
     # --- flushes and re-arms -----------------------------------------------------------
 

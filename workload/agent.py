@@ -21,7 +21,7 @@ import signal
 import sys
 import time
 
-from guest.client import FileHandle, GuestClient, HostError, SessionLost
+from guest.client import FileHandle, GuestClient, HostError, OutcomeUnknown, SessionLost
 from workload import stamp as stamps
 from workload.oplog import LogWriter, ReadRecord, WriteRecord
 from workload.workloads import APPEND, FSYNC, READ, SAVE, WRITE, Actor, Op, Workload
@@ -156,6 +156,13 @@ async def run_guest(args, workload: Workload) -> int:
             else:
                 raise ValueError(f"a guest cannot {op.kind}")
             done += 1
+        except OutcomeUnknown as exc:
+            # The host restarted under this write: it may have landed.
+            for b, seq in enumerate(seqs):
+                log.write(WriteRecord(actor.name, op.file_id, op.block + b, stamper.writer, seq,
+                                      start, time.monotonic_ns(), None, "uncertain"))
+            key = f"{op.kind}: {exc}"
+            errors[key] = errors.get(key, 0) + 1
         except (HostError, TimeoutError, SessionLost) as exc:
             key = f"{op.kind}: {exc}"
             errors[key] = errors.get(key, 0) + 1

@@ -6,7 +6,8 @@ cut, the host killed (SIGKILL) and restarted on the same export, bursts of
 malformed frames.  Afterwards the checker judges every read, and a final read
 of every block, made directly on the export, must not be stale: a stale final
 read is a lost write.  The report gives faults injected, stale reads, lost
-writes, the worst writer stall against ack timeout + lease term, and daemon
+writes, the worst writer stall against ack timeout + lease term + the clock
+margin (host/leases.py, `stall_bound_s`), and daemon
 crashes (host exits nobody asked for).
 """
 
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from rich.console import Console
 from rich.table import Table
 
+from host.leases import stall_bound_s
 from workload import fuzz
 from workload import stamp as stamps
 from workload.oplog import ReadRecord, WriteRecord
@@ -43,7 +45,7 @@ class ChaosReport:
     corrupt: int = 0
     writes: int = 0
     worst_write_stall_ms: float = 0.0  # writes with no host restart while they ran
-    stall_bound_ms: float = 0.0  # ack timeout + lease term
+    stall_bound_ms: float = 0.0  # ack timeout + lease term + clock margin
     # Writes during which their own guest was stopped or had its connection cut:
     # the time it spent stopped or reconnecting is its own, not a stall another
     # guest imposed, so these are not held to the bound.
@@ -211,7 +213,7 @@ def _report(args, injector: _Injector, run, records) -> ChaosReport:
         worst_stale_ms=run.check.worst_stale_age_ns / 1e6 if guest_stale else 0.0,
         lost_writes=lost, corrupt=sum(run.check.corrupt.values()) + run.check.phantom,
         writes=len(calm), worst_write_stall_ms=max(calm, default=0) / 1e6,
-        stall_bound_ms=args.ack_timeout + args.lease_term,
+        stall_bound_ms=1000 * stall_bound_s(args.ack_timeout / 1000, args.lease_term / 1000),
         own_fault_writes=len(own_fault), worst_own_fault_ms=max(own_fault, default=0) / 1e6,
         restart_writes=len(across_restart),
         worst_restart_stall_ms=max(across_restart, default=0) / 1e6,
@@ -247,7 +249,7 @@ def _print(console: Console, r: ChaosReport) -> None:
     table.add_row("corrupt or phantom blocks", str(r.corrupt))
     table.add_row("guest writes (no host restart, own guest not stopped or cut)", str(r.writes))
     table.add_row("worst writer stall (ms)", f"{r.worst_write_stall_ms:.0f}")
-    table.add_row("bound: ack timeout + lease term (ms)", f"{r.stall_bound_ms:.0f}")
+    table.add_row("bound: ack timeout + lease term + clock margin (ms)", f"{r.stall_bound_ms:.0f}")
     table.add_row("guest writes whose own guest was stopped or cut", str(r.own_fault_writes))
     table.add_row("worst of those (ms, its own stop or reconnect included)",
                   f"{r.worst_own_fault_ms:.0f}")

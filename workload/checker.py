@@ -122,6 +122,10 @@ class _Block:
 
     def __init__(self, writes: list[WriteRecord]) -> None:
         writes.sort(key=lambda w: w.end_ns)
+        # Staleness is judged against the writes known to have landed; one whose
+        # outcome is unknown ("uncertain") only makes its version a possible one.
+        every = writes
+        writes = [w for w in every if w.via != "uncertain"]
         self.writes = writes
         self.ends = [w.end_ns for w in writes]
         self.max_start: list[int] = []
@@ -134,7 +138,7 @@ class _Block:
         # write was overwritten, and is from the future only if even its
         # first write started after the read ended.
         self.versions: dict[tuple[int, int], tuple[int, WriteRecord]] = {}
-        for w in writes:  # ascending end: the last one seen has the latest end
+        for w in every:  # ascending end: the last one seen has the latest end
             key = (w.writer, w.seq)
             seen = self.versions.get(key)
             first_start = w.start_ns if seen is None else min(seen[0], w.start_ns)

@@ -31,7 +31,11 @@ __all__ = [
 
 # "guest": written through the daemon by a guest. "host-local": written to
 # the export directly by a process on the host, not through the daemon.
-VIAS: Final = frozenset({"guest", "host-local"})
+# "uncertain": a guest write whose outcome its guest could not learn (the host
+# restarted while it was under way: guest.client.OutcomeUnknown).  It may or
+# may not have landed: its version is a possible one, never a reason to call
+# another read stale.
+VIAS: Final = frozenset({"guest", "host-local", "uncertain"})
 
 _COMPACT: Final = (",", ":")
 
