@@ -18,7 +18,8 @@ returns stale data; the rules, in short:
   R2  The ACK of an INVALIDATE is written only once the kernel has dropped
       the pages and attributes (the notification write returned).  The
       asyncio thread does not wait for it: the ACK is held back
-      (`on_invalidate` returns a future; the client ACKs when it completes).
+      (`on_invalidate` returns a future; the client ACKs when it completes
+      successfully: never for a notification that failed or was cancelled).
   R3  Lease policies: a file opens with FOPEN_KEEP_CACHE only if its OPEN
       reply carries a grant the guest accepts; otherwise FOPEN_DIRECT_IO.
       Every open for write is DIRECT_IO (the host never grants to it), so no
@@ -136,9 +137,11 @@ class MountStats:
     inval_entries: int = 0  # INVAL_ENTRY from the host
     notify_inval_inode: int = 0  # FUSE_NOTIFY_INVAL_INODE written
     notify_inval_entry: int = 0
-    notify_errors: int = 0  # other than ENOENT (kernel does not hold it)
+    notify_errors: int = 0  # failed, cancelled, or refused by the kernel
+    notify_nothing_cached: int = 0  # answered ENOENT: the kernel holds no such inode or name
     notify_max_ns: int = 0  # longest a notification write took
-    acks_held: int = 0  # ACKs written after the kernel dropped the copy
+    acks_held: int = 0  # invalidations whose ACK waits for the kernel's answer
+    acks_withheld: int = 0  # ... and got none: the notification failed or was cancelled
     unleased_cached_replies: int = 0  # READ replies on KEEP_CACHE handles without a grant
     purges: int = 0  # page drops the guest started itself (R4, R5)
     enosys: dict[str, int] = field(default_factory=dict)
@@ -172,6 +175,14 @@ class _Inode:
         self.fill_seq = 0
         self.may_have_pages = False
         self.purge_scheduled = False
+
+
+class NotificationFailed(Exception):
+    """A notification did not reach the kernel, or the kernel refused it."""
+
+    def __init__(self, err: int):
+        super().__init__(f"notification failed: {os.strerror(err)}")
+        self.errno = err
 
 
 class _Reply(Exception):
@@ -376,7 +387,9 @@ class GuestMount:
     # --- notifications (R1, R2) -------------------------------------------------------
 
     def _notify(self, kind: str, fn, *args) -> asyncio.Future:
-        """Run one notification write on a notifier thread; the future gives its errno."""
+        """Run one notification write on a notifier thread; the future gives
+        (errno, ns taken).  Once the mount has stopped (the notifier is shut
+        down, /dev/fuse closed) it fails at once: nothing can reach the kernel."""
 
         def run():
             started = time.monotonic_ns()
@@ -393,27 +406,66 @@ class GuestMount:
                 self.stats.notify_inval_inode += 1
             else:
                 self.stats.notify_inval_entry += 1
-            if err not in (0, errno.ENOENT):
+            if err == errno.ENOENT:
+                self.stats.notify_nothing_cached += 1
+            elif err:
                 self.stats.notify_errors += 1
                 log.warning("notify %s%r: %s", kind, args, os.strerror(err))
 
-        future = asyncio.wrap_future(self.notifier.submit(run), loop=self.loop)
+        try:
+            future = asyncio.wrap_future(self.notifier.submit(run), loop=self.loop)
+        except RuntimeError:  # the notifier is shut down: the mount has stopped
+            future = self.loop.create_future()
+            future.set_exception(NotificationFailed(errno.ESHUTDOWN))
         future.add_done_callback(done)
         return future
 
     def _on_invalidate(self, event) -> asyncio.Future | None:
-        """Tell the kernel to drop its copy; the client ACKs when the returned future completes."""
+        """Tell the kernel to drop its copy.  The client ACKs when the returned
+        future completes, and only if it succeeds (R2): the notification was
+        written and the kernel answered 0, or ENOENT (it holds no such inode or
+        name, so nothing is cached: fuse_reverse_inval_inode/_entry).  A
+        notification that was cancelled or failed (the mount stopping, /dev/fuse
+        closed) fails the future: no ACK, and the host treats this guest as
+        silent until its term has run out."""
         if isinstance(event, Invalidate):
             self.stats.invalidations += 1
-            future = self._purge(event.ino, event.offset, event.length)
         elif isinstance(event, InvalEntry):
             self.stats.inval_entries += 1
-            future = self._notify("entry", self.dev.notify_inval_entry, event.parent, event.name,
-                                  0)
         else:  # pragma: no cover
             return None
+        if not self.initialized.done():
+            return None  # before INIT is answered the kernel cannot have cached anything
+        if isinstance(event, Invalidate):
+            future = self._purge(event.ino, event.offset, event.length)
+        else:
+            future = self._notify("entry", self.dev.notify_inval_entry, event.parent, event.name,
+                                  0)
         self.stats.acks_held += 1
-        return future
+        return self._succeeded(future)
+
+    def _succeeded(self, notification: asyncio.Future) -> asyncio.Future:
+        """A future that succeeds once `notification` has, and fails otherwise."""
+        outcome = self.loop.create_future()
+
+        def done(f: asyncio.Future) -> None:
+            if outcome.done():
+                return
+            if f.cancelled():
+                err = errno.ECANCELED
+            elif f.exception() is not None:
+                exc = f.exception()
+                err = exc.errno if isinstance(exc, NotificationFailed) else errno.EIO
+            else:
+                err = f.result()[0]
+            if err in (0, errno.ENOENT):
+                outcome.set_result(None)
+            else:
+                self.stats.acks_withheld += 1
+                outcome.set_exception(NotificationFailed(err))
+
+        notification.add_done_callback(done)
+        return outcome
 
     def _inode(self, nodeid: int) -> _Inode:
         st = self.inodes.get(nodeid)
@@ -432,6 +484,8 @@ class GuestMount:
         def done(f: asyncio.Future) -> None:
             if f.cancelled() or f.exception() is not None or off != 0 or length > 0:
                 return
+            if f.result()[0] not in (0, errno.ENOENT):
+                return  # nothing was dropped
             if st.taint_seq == taint_seq:
                 st.tainted = False
             if st.fill_seq == fill_seq:
