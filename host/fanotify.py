@@ -59,6 +59,8 @@ __all__ = [
     "PreContentGroup",
     "available",
     "classify",
+    "syscall_line",
+    "writing_to",
 ]
 
 # fanotify_init flags
@@ -231,6 +233,8 @@ _AARCH64 = {
 }
 _TABLES = {"x86_64": _X86_64, "amd64": _X86_64, "aarch64": _AARCH64, "arm64": _AARCH64}
 SYSCALL_TABLE: dict[int, str] = _TABLES.get(platform.machine(), {})
+# "modify" syscalls whose first argument is a path, not an fd: truncate
+_BY_PATH = {"x86_64": {76}, "amd64": {76}, "aarch64": {45}, "arm64": {45}}.get(platform.machine(), set())
 
 PROT_WRITE = 0x2
 MAP_TYPE = 0x0F
@@ -238,12 +242,17 @@ MAP_SHARED = 0x01
 MAP_SHARED_VALIDATE = 0x03
 
 
-def _read_syscall(tid: int) -> list[str] | None:
+def syscall_line(tid: int) -> str | None:
+    """``/proc/<tid>/syscall``, stripped; None when it cannot be read (the thread is gone)."""
     try:
         with open(f"/proc/{tid}/syscall", encoding="ascii") as f:
-            fields = f.read().split()
+            return f.read().strip()
     except OSError:
         return None
+
+
+def _split_syscall(line: str | None) -> list[str] | None:
+    fields = line.split() if line is not None else None
     if not fields or fields[0] in ("running", "-1") or len(fields) < 7:
         return None
     return fields
@@ -293,7 +302,7 @@ def classify(tid: int, event_fd: int | None = None) -> Access:
     Callers MUST treat UNKNOWN as MODIFY (the safe side): an unknown access
     might dirty the file.  ``Access.may_modify`` does that.
     """
-    fields = _read_syscall(tid)
+    fields = _split_syscall(syscall_line(tid))
     if fields is None:
         return Access.UNKNOWN
     try:
@@ -332,6 +341,46 @@ def classify(tid: int, event_fd: int | None = None) -> Access:
                 return Access.READ
         return Access.MODIFY
     return Access.UNKNOWN
+
+
+def writing_to(tid: int, dev: int, ino: int) -> bool:
+    """Is thread ``tid`` inside a system call that may be modifying inode
+    ``(dev, ino)`` right now (or can that not be told)?
+
+    True when ``/proc/<tid>/syscall`` says "running" (it cannot be told), or
+    shows a write/pwrite/writev/pwritev/pwritev2/ftruncate/fallocate on an fd
+    that refers to that inode, the destination fd of a copy_file_range,
+    sendfile or splice that does, or a truncate(path) (the path cannot be
+    resolved as the thread sees it).  False when the thread is gone, blocked
+    outside a system call, or in any other call (reads, mmap, futex...; an
+    io_uring submission is not seen: docs/kernel.md, "What is missed").
+    """
+    fields = (syscall_line(tid) or "-1").split()
+    if fields[0] == "running":
+        return True
+    if fields[0] == "-1" or len(fields) < 7:
+        return False
+    try:
+        nr = int(fields[0])
+        args = [int(a, 16) for a in fields[1:7]]
+    except ValueError:
+        return True
+    kind = SYSCALL_TABLE.get(nr)
+    if kind == "modify":
+        if nr in _BY_PATH:
+            return True
+        fd = args[0] & 0xFFFFFFFF
+    elif kind is not None and kind.startswith("rw:"):
+        fd = args[int(kind[3:].split(",")[1])] & 0xFFFFFFFF
+    else:
+        return False
+    try:
+        st = os.stat(f"/proc/{tid}/fd/{fd}")
+    except FileNotFoundError:  # gone, or the fd was closed under the call: cannot tell
+        return os.path.exists(f"/proc/{tid}")
+    except OSError:
+        return True
+    return (st.st_dev, st.st_ino) == (dev, ino)
 
 
 # ------------------------------------------------------------------ group

@@ -14,19 +14,26 @@ Setup (`start`), in this order:
    mount, and only that mount, with FAN_PRE_ACCESS (host/fanotify.py refuses
    anything that is not a private bind of a sub-directory).
 
-Arming: the mount mark makes every inode "armed"; an ignore mark on an inode
-disarms it.  The daemon arms an inode before it grants a lease on it and
-disarms it once it is dirty (`HostDaemon.modify` calls `disarm` after the
-recall, `try_rearm` calls `arm` before its cachestat check).
+Arming: the mount mark makes every inode "armed".  The daemon arms an inode
+before it grants a lease on it (`try_rearm` calls `arm` before its cachestat
+check) and "disarms" it once it is dirty (`HostDaemon.modify` calls `disarm`
+after the recall).  Disarming does NOT put an ignore mark on the inode: a
+DIRTY inode keeps raising events, which are answered at once, so that every
+thread that begins a modification of it is known when the daemon re-arms it
+(docs/kernel.md, "Re-arming while a host write is in flight").  The only
+ignore marks are on inodes no guest knows ("cooled", below); arming removes
+the mark.
 
 Each event (the accessing thread is blocked until we answer):
 
+* any access to a DIRTY inode (fstat of the event fd ->
+  `InodeStore.lookup_key` -> the lease table) is allowed at once, read or
+  write alike (nothing is leased), and its thread is recorded (below);
 * a read (read/pread/readv/mmap of a private or read-only mapping: from
   `/proc/<tid>/syscall`) is allowed at once;
-* a modification of an inode no guest knows (fstat of the event fd ->
-  `InodeStore.lookup_key`) is allowed at once, and the inode gets an ignore
-  mark so it costs nothing more until a guest leases it (arming removes it);
-* a modification of a DIRTY inode is allowed at once (nothing is leased);
+* a modification of an inode no guest knows is allowed at once, its thread
+  is recorded, and the inode gets an ignore mark so it costs nothing more
+  until a guest leases it (arming removes it);
 * any other modification (or an access that cannot be classified) runs
   `HostDaemon.host_local_modify` in its own task: INVALIDATE to every
   holder, wait for the ACKs (or fence a silent holder once its term has
@@ -48,10 +55,22 @@ directories, IN_MODIFY (O_TRUNC, writes through other mounts) and IN_ATTRIB
 (chmod, utime, link count) on leased files.
 
 Clean again: a write the detector let through may still be on its way into
-the page cache when the daemon flushes and checks `cachestat`.  So the
-detector remembers each writer thread it allowed (and each process that
-mapped the file shared) and `arm()` reports the inode not ready while that
-thread is still inside the same system call (or the mapping still exists).
+the page cache when the daemon flushes and checks `cachestat`, or may not
+reach the page cache at all (O_DIRECT), or may still wait for the inode lock.
+So the detector remembers each thread it let modify the inode, or touch it
+while DIRTY (one record per thread, with its process), and `arm()` reports
+the inode not ready while any of them is inside a system call that may be
+modifying it (`/proc/<tid>/syscall` shows a write-like call on an fd that is
+this inode, or the thread is running and cannot be told) or its process
+still maps the inode shared.  Because a DIRTY inode carries no ignore mark,
+every thread that began a write on it raised an event and is among those
+records: no lease is granted while a host write that began before the grant
+is still inside its system call.
+
+An inode that carried an ignore mark (cooled) may have been written unseen:
+`may_have_missed_writes` says so until an `arm()` of it succeeds, so a
+refused arm does not lose it and the daemon's next arm still checks that the
+file is clean.
 """
 
 from __future__ import annotations
@@ -66,7 +85,7 @@ from dataclasses import dataclass
 
 from host import bindmount, fanotify
 from host.detectors import Detector
-from host.fanotify import Access, PreContentEvent, PreContentGroup, classify
+from host.fanotify import Access, PreContentEvent, PreContentGroup, classify, writing_to
 from host.inotify_detector import InotifyDetector
 from host.leases import InodeState
 from protocol.messages import Detector as DetectorKind
@@ -79,23 +98,20 @@ MAX_COOLED = 16384  # ignore marks put on inodes no guest knows (each pins an in
 
 @dataclass
 class _InFlight:
-    """A modification the detector let through that may not have landed yet."""
+    """A thread the detector let modify an inode (or touch a DIRTY one): until it is
+    known not to be writing to it, nor its process to map it shared, the inode
+    must not be leased."""
 
     tid: int
     tgid: int
-    syscall: str | None  # /proc/<tid>/syscall while it was blocked on the event
-    mapping: bool  # a shared mapping: its stores are never seen, only its existence
 
     def over(self, key: tuple[int, int]) -> bool:
-        if self.mapping:
-            return not _maps_shared(self.tgid, key)
-        try:
-            with open(f"/proc/{self.tid}/syscall", encoding="ascii") as f:
-                now = f.read().strip()
-        except OSError:
-            return True  # the thread is gone: its system call returned
-        # "running": runnable, possibly still copying our data: not over yet.
-        return now != "running" and now != self.syscall
+        """What the thread does now decides, not which call raised the event: a
+        thread that got past our event can only still be modifying the inode
+        from inside a system call on it (or through a shared mapping), and
+        every later call it made raised an event that was recorded here, or,
+        under an ignore mark (an inode no guest knew), raised none at all."""
+        return not writing_to(self.tid, *key) and not _maps_shared(self.tgid, key)
 
 
 def _maps_shared(tgid: int, key: tuple[int, int]) -> bool:
@@ -124,14 +140,6 @@ def _tgid_of(tid: int) -> int:
     except (OSError, ValueError):
         pass
     return tid
-
-
-def _syscall_line(tid: int) -> str | None:
-    try:
-        with open(f"/proc/{tid}/syscall", encoding="ascii") as f:
-            return f.read().strip()
-    except OSError:
-        return None
 
 
 def _open_group_on_a_high_fd() -> PreContentGroup:
@@ -172,9 +180,12 @@ class FanotifyDetector(Detector):
         self._unanswered: dict[int, PreContentEvent] = {}  # event fd -> event
         self._tasks: set[asyncio.Task] = set()
         self._slots: asyncio.Semaphore | None = None
-        self._in_flight: dict[tuple[int, int], list[_InFlight]] = {}
-        self._disarmed: set[tuple[int, int]] = set()  # inodes carrying our ignore mark
-        self._cooled = 0  # of those, inodes no guest knew
+        # inode -> tid -> record: the threads that got past an event on it
+        self._in_flight: dict[tuple[int, int], dict[int, _InFlight]] = {}
+        self._marked: set[tuple[int, int]] = set()  # inodes carrying our ignore mark (cooled)
+        self._unseen: set[tuple[int, int]] = set()  # carried one since their last good arm()
+        self._cooled = 0  # ignore marks put, ever
+        self._prune_at = 1024
         self.counters = dict(reads=0, modifications=0, unknown_inode=0, dirty=0, recalls=0,
                              mmap_writes=0, errors=0, not_quiescent=0)
 
@@ -259,6 +270,9 @@ class FanotifyDetector(Detector):
         self._inotify.watch(nodeid, is_dir)
 
     def arm(self, nodeid: int) -> bool:
+        """Remove the ignore mark of `nodeid`, if it has one; True when no
+        modification let through may still be on its way (then, and only then,
+        it stops counting as possibly written unseen)."""
         if self._group is None:
             return False
         try:
@@ -268,39 +282,40 @@ class FanotifyDetector(Detector):
             (log.debug if exc.errno == errno.ESTALE else log.warning)(
                 "cannot arm node %d: %s", nodeid, exc)
             return False
-        self._disarmed.discard(key)
+        self._marked.discard(key)
         # After arming: inotify events of the dirty period (the daemon's own
         # writes among them) are absorbed now, not taken for new changes.
         self._inotify.arm(nodeid)
         if not self._quiescent(key):
+            # Not armed in the lease table: it stays "possibly written unseen"
+            # if it was, so the next arm still checks the file is clean.
             self.counters["not_quiescent"] += 1
             return False
+        self._unseen.discard(key)
         return True
 
     def disarm(self, nodeid: int) -> None:
-        if self._group is None:
-            return
-        try:
-            key = self._daemon.fs.inode_key(nodeid)
-            self._group.disarm(self._daemon.fs.inodes.host_fd(nodeid))
-        except OSError as exc:  # ESTALE: no guest knows it any more
-            (log.debug if exc.errno == errno.ESTALE else log.warning)(
-                "cannot disarm node %d: %s", nodeid, exc)
-            return
-        self._disarmed.add(key)
+        """Nothing to do in the kernel: a dirty inode keeps raising events, each
+        answered at once (`_dispatch`), so that `arm()` knows every thread that
+        began a modification of it while it was dirty.  An ignore mark would
+        hide them: a write that started under it and is still inside write(2)
+        (O_DIRECT, or waiting for the inode lock) would be invisible to both
+        the quiescence check and cachestat."""
 
     def may_have_missed_writes(self, nodeid: int) -> bool:
-        """Only an inode that carried an ignore mark can have been written unseen
-        through the marked mount: every other write since the mark was held,
-        and arm() waits until it has landed."""
+        """Only an inode that carried an ignore mark (cooled, while no guest knew
+        it) can have been written unseen through the marked mount: every other
+        write since the mark was placed raised an event, and arm() waits until
+        it has landed."""
         try:
-            return self._daemon.fs.inode_key(nodeid) in self._disarmed
+            return self._daemon.fs.inode_key(nodeid) in self._unseen
         except OSError:
             return True
 
     def stats(self) -> dict:
         return {"events": self.events, **self.counters, "inotify_events": self._inotify.events,
-                "disarmed_inodes": len(self._disarmed), "cooled_inodes": self._cooled}
+                "disarmed_inodes": len(self._marked), "cooled_inodes": self._cooled,
+                "in_flight": sum(len(v) for v in self._in_flight.values())}
 
     # --- events --------------------------------------------------------------------------
 
@@ -333,6 +348,15 @@ class FanotifyDetector(Detector):
         st = os.fstat(event.fd)
         key = (st.st_dev, st.st_ino)
         nodeid = self._daemon.fs.inodes.lookup_key(*key)
+        if nodeid is not None and self._daemon.leases.state_of(nodeid) is InodeState.DIRTY:
+            # Nothing is leased: allow it at once, read or write, without asking
+            # /proc what it is (that costs more than the rest of the event), and
+            # remember the thread: no re-arm while it may still be in a write on
+            # the inode or its process maps it shared.
+            self.counters["dirty"] += 1
+            self._record(key, event.pid)
+            self._answer(event)
+            return
         access = classify(event.pid, event.fd)
         if not access.may_modify:
             self.counters["reads"] += 1
@@ -341,31 +365,24 @@ class FanotifyDetector(Detector):
             self._answer(event)
             return
         self.counters["modifications"] += 1
-        mapping = access is Access.MMAP_WRITE
-        if mapping:
+        if access is Access.MMAP_WRITE:
             self.counters["mmap_writes"] += 1
-        flight = _InFlight(event.pid, _tgid_of(event.pid) if mapping else event.pid,
-                           _syscall_line(event.pid), mapping)
         if nodeid is None:
             # Nobody can hold a lease on an inode no guest knows.  Should a guest
-            # look it up later, arming removes the ignore mark, and the in-flight
-            # record keeps it unleased until this write is over.
+            # look it up later, arming removes the ignore mark, and the record
+            # keeps it unleased while this thread writes to it (its later writes
+            # raise no event under the mark).
             self.counters["unknown_inode"] += 1
-            self._in_flight.setdefault(key, []).append(flight)
+            self._record(key, event.pid)
             self._cool(event.fd, key)
             self._answer(event)
             return
-        if self._daemon.leases.state_of(nodeid) is InodeState.DIRTY and not mapping:
-            self.counters["dirty"] += 1
-            self._in_flight.setdefault(key, []).append(flight)
-            self._answer(event)
-            return
-        task = asyncio.ensure_future(self._recall_then_allow(event, nodeid, key, flight))
+        task = asyncio.ensure_future(self._recall_then_allow(event, nodeid, key))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _recall_then_allow(self, event: PreContentEvent, nodeid: int, key: tuple[int, int],
-                                 flight: _InFlight) -> None:
+    async def _recall_then_allow(self, event: PreContentEvent, nodeid: int,
+                                 key: tuple[int, int]) -> None:
         try:
             async with self._slots:
                 self.counters["recalls"] += 1
@@ -376,8 +393,14 @@ class FanotifyDetector(Detector):
             self.counters["errors"] += 1
             log.exception("fanotify: recall of node %d failed; allowing the write", nodeid)
         finally:
-            self._in_flight.setdefault(key, []).append(flight)
+            self._record(key, event.pid)
             self._answer(event)
+
+    def _record(self, key: tuple[int, int], tid: int) -> None:
+        """Remember that thread `tid` got past an event on `key` (once per thread)."""
+        flights = self._in_flight.setdefault(key, {})
+        if tid not in flights:
+            flights[tid] = _InFlight(tid, _tgid_of(tid))
 
     def _answer(self, event: PreContentEvent, group: PreContentGroup | None = None) -> None:
         """Allow `event` once; later calls for the same event do nothing (its fd
@@ -395,29 +418,38 @@ class FanotifyDetector(Detector):
 
     def _cool(self, event_fd: int, key: tuple[int, int]) -> None:
         """An inode no guest knows: stop paying an event per access (ignore mark)."""
-        if key in self._disarmed or self._cooled >= MAX_COOLED:
+        if key in self._marked or len(self._marked) >= MAX_COOLED:
             return
         try:
             self._group.disarm(event_fd)
         except OSError as exc:
             log.debug("cannot put an ignore mark: %s", exc)
             return
-        self._disarmed.add(key)
+        self._marked.add(key)
+        self._unseen.add(key)
         self._cooled += 1
 
     def _quiescent(self, key: tuple[int, int]) -> bool:
         """No modification let through on `key` may still be on its way."""
-        flights = self._in_flight.get(key)
-        if flights:
-            flights[:] = [f for f in flights if not f.over(key)]
-            if flights:
-                return False
-            del self._in_flight[key]
-        if len(self._in_flight) > 1024:  # records of inodes nobody re-arms
+        if self._in_flight.get(key) and not self._prune(key):
+            return False
+        if len(self._in_flight) > self._prune_at:  # records of inodes nobody re-arms
             for other in list(self._in_flight):
-                self._in_flight[other] = [f for f in self._in_flight[other] if not f.over(other)]
-                if not self._in_flight[other]:
-                    del self._in_flight[other]
+                # A marked inode's records count when its mark comes off (arm).
+                if other not in self._marked:
+                    self._prune(other)
+            self._prune_at = max(1024, 2 * len(self._in_flight))
+        return True
+
+    def _prune(self, key: tuple[int, int]) -> bool:
+        """Drop the records of `key` that are over; True if none is left."""
+        flights = self._in_flight.get(key, {})
+        for tid, flight in list(flights.items()):
+            if flight.over(key):
+                del flights[tid]
+        if flights:
+            return False
+        self._in_flight.pop(key, None)
         return True
 
     def _rebuild(self) -> None:
@@ -428,8 +460,7 @@ class FanotifyDetector(Detector):
         loop.remove_reader(old.fileno())
         self._unanswered.clear()
         old.close()  # its ignore marks go with it: every inode is armed again
-        self._disarmed.clear()
-        self._cooled = 0
+        self._marked.clear()  # (those in _unseen stay there: they may have been written unseen)
         group = _open_group_on_a_high_fd()
         group.mark_mount(self._mount)
         self._group = group
