@@ -61,6 +61,8 @@ MNT_DETACH = 2
 # fuse_batch_forget_in, followed by `count` fuse_forget_one
 BatchForgetIn = Struct("count" / Int32ul, Padding(4))
 ForgetOne = Struct("nodeid" / Int64ul, "nlookup" / Int64ul)
+# fuse_notify_store_out (24 bytes), followed by `size` bytes of data
+NotifyStoreOut = Struct("nodeid" / Int64ul, "offset" / Int64ul, "size" / Int32ul, Padding(4))
 # fuse_statfs_out = struct fuse_kstatfs (80 bytes)
 StatfsOut = Struct(
     "blocks" / Int64ul,
@@ -252,6 +254,17 @@ class FuseDevice:
         body = fuse.NotifyInvalEntryOut.build(
             {"parent": parent, "namelen": len(name), "flags": flags}) + name + b"\x00"
         return self.write(_notify_header(fuse.NotifyCode.INVAL_ENTRY, len(body)) + body)
+
+    def notify_store(self, ino: int, off: int, data: bytes) -> int:
+        """FUSE_NOTIFY_STORE: copy `data` into the page cache of `ino` at `off`.  If
+        off + len(data) is past the kernel's i_size, i_size grows to it first
+        (fuse_write_update_attr, which also moves the inode's attr_version on).
+        A page it creates is uptodate only if the data starts at its first byte
+        and fills it or ends at EOF; otherwise it stays !uptodate, and a later
+        access reads it whole with a READ.  Blocks while a page of the range is
+        locked."""
+        body = NotifyStoreOut.build({"nodeid": ino, "offset": off, "size": len(data)}) + data
+        return self.write(_notify_header(fuse.NotifyCode.STORE, len(body)) + body)
 
     def close(self) -> None:
         """Close the fd: the kernel aborts the connection if nothing else holds it."""

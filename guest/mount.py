@@ -34,6 +34,12 @@ returns stale data; the rules, in short:
       tainted pages first.
   R5  Own modifications (WRITE, SETATTR, CREATE, open for write) drop the
       kernel's cached pages of the inode before the reply goes back.
+  R6  The kernel drops a GETATTR reply if the inode's attr_version moved
+      while it waited (any INVAL_INODE, or another reply taken first), and a
+      read then stops at the old i_size.  So before answering a read's
+      GETATTR (one with a file handle) whose size is above every size the
+      kernel may hold, the guest grows i_size with FUSE_NOTIFY_STORE of the
+      file's last byte (`_repair_size`; docs/mount.md, "The size a read sees").
 """
 
 from __future__ import annotations
@@ -144,6 +150,7 @@ class MountStats:
     acks_withheld: int = 0  # ... and got none: the notification failed or was cancelled
     unleased_cached_replies: int = 0  # READ replies on KEEP_CACHE handles without a grant
     purges: int = 0  # page drops the guest started itself (R4, R5)
+    size_repairs: int = 0  # FUSE_NOTIFY_STOREs that grew the kernel's i_size ("The size a read sees")
     enosys: dict[str, int] = field(default_factory=dict)
     errors: int = 0
 
@@ -196,9 +203,12 @@ class GuestMount:
     """Serves one FUSE mount from one connected MountClient."""
 
     def __init__(self, client: MountClient, mountpoint: str, *, stats_path: str | None = None,
-                 read_delay: float = 0.0):
+                 read_delay: float = 0.0, hold_purges: bool = False):
         self.client = client
         self.read_delay = read_delay  # fault injection: hold every READ reply this long
+        # Fault injection: never drop an unleased READ reply's pages right after
+        # it (R4's scheduled purge), so that the next GETATTR must drop them.
+        self.hold_purges = hold_purges
         self.cache = client.cache
         self.policy: Policy = client.policy
         self.leases = self.cache.uses_leases
@@ -215,6 +225,12 @@ class GuestMount:
         self.connection: int | None = None  # fusectl number, once mounted
         self.handles: dict[int, bool] = {}  # fh -> opened with KEEP_CACHE
         self.inodes: dict[int, _Inode] = {}
+        # Regular files: a lower bound of the kernel's i_size (docs/mount.md,
+        # "The size a read sees"), over every size the kernel may have taken,
+        # and the sizes of attribute replies fetched from the host and not yet
+        # sent to the kernel (it may take them too).
+        self.size_floor: dict[int, int] = {}
+        self._sizes_pending: dict[int, list[int]] = {}
         self.loop = asyncio.get_running_loop()
         self.initialized = self.loop.create_future()
         self.finished = asyncio.Event()  # set when the kernel connection is gone
@@ -404,7 +420,7 @@ class GuestMount:
             self.stats.notify_max_ns = max(self.stats.notify_max_ns, took)
             if kind == "inode":
                 self.stats.notify_inval_inode += 1
-            else:
+            elif kind == "entry":
                 self.stats.notify_inval_entry += 1
             if err == errno.ENOENT:
                 self.stats.notify_nothing_cached += 1
@@ -572,16 +588,96 @@ class GuestMount:
         else:
             entry_valid = (entry.entry_valid, entry.entry_valid_nsec)
         attr_valid = self._valid_for(attr_granted, entry.attr_valid, entry.attr_valid_nsec)
+        self._size_sent(entry.nodeid, entry.attr)
         return fuse.EntryOut.build({
             "nodeid": entry.nodeid, "generation": entry.generation,
             "entry_valid": entry_valid[0], "attr_valid": attr_valid[0],
             "entry_valid_nsec": entry_valid[1], "attr_valid_nsec": attr_valid[1],
             "attr": dataclasses.asdict(entry.attr)})
 
-    def _attr_bytes(self, out, granted: bool) -> bytes:
+    def _attr_bytes(self, nodeid: int, out, granted: bool) -> bytes:
         valid = self._valid_for(granted, out.attr_valid, out.attr_valid_nsec)
+        self._size_sent(nodeid, out.attr)
         return fuse.AttrOut.build({"attr_valid": valid[0], "attr_valid_nsec": valid[1],
                                    "attr": dataclasses.asdict(out.attr)})
+
+    # --- the kernel's i_size (docs/mount.md, "The size a read sees") ---------------
+
+    def _size_fetched(self, nodeid: int, attr) -> None:
+        """The host answered with `attr`: a reply carrying its size is on its way
+        to the kernel (call before any await, and pair with `_size_sent`)."""
+        if attr.mode & 0o170000 == 0o100000:
+            self._sizes_pending.setdefault(nodeid, []).append(attr.size)
+
+    def _size_sent(self, nodeid: int, attr) -> None:
+        """A reply carrying `attr` goes to the kernel, which may take its size."""
+        if attr.mode & 0o170000 != 0o100000:
+            return
+        pending = self._sizes_pending.get(nodeid)
+        if pending and attr.size in pending:
+            pending.remove(attr.size)
+            if not pending:
+                del self._sizes_pending[nodeid]
+        floor = self.size_floor.get(nodeid)
+        self.size_floor[nodeid] = attr.size if floor is None else min(floor, attr.size)
+
+    def _size_bound(self, nodeid: int, excluding: int) -> int | None:
+        """The floor, lowered by every pending reply's size but one `excluding`."""
+        pending = list(self._sizes_pending.get(nodeid, ()))
+        if excluding in pending:
+            pending.remove(excluding)
+        floor = self.size_floor.get(nodeid)
+        sizes = pending + ([] if floor is None else [floor])
+        return min(sizes) if sizes else None
+
+    def _may_shrink_to(self, nodeid: int, size: int) -> None:
+        """A short READ reply: the kernel may cut i_size down to `size`."""
+        floor = self.size_floor.get(nodeid)
+        if floor is not None and size < floor:
+            self.size_floor[nodeid] = size
+
+    def _grows_to(self, nodeid: int, size: int) -> None:
+        """The kernel's i_size is now at least `size` (its own WRITE, a STORE)."""
+        floor = self.size_floor.get(nodeid)
+        if floor is not None and size > floor:
+            self.size_floor[nodeid] = size
+
+    async def _repair_size(self, nodeid: int, fh: int, size: int) -> None:
+        """Before answering a read(2)'s GETATTR that says `size`: make sure the
+        kernel's i_size is at least `size`, whether or not it takes this reply.
+
+        The kernel drops a GETATTR reply when the inode's attr_version moved on
+        while it waited (fuse_change_attributes: any FUSE_NOTIFY_INVAL_INODE of
+        the inode, our R4 purges and the host's recalls alike, or another
+        attribute reply it took first); the read then stops at the old
+        i_size.  So when `size` is above every size the kernel may hold
+        (`size_floor`), store the file's last byte, fetched from the host now,
+        with FUSE_NOTIFY_STORE: that grows i_size to `size` (and makes the
+        kernel drop this reply, harmlessly: its size is in already).  Replies
+        fetched but not sent yet count: the kernel may take one after this."""
+        bound = self._size_bound(nodeid, excluding=size)
+        if size <= 0 or (bound is not None and size <= bound):
+            return
+        try:
+            reply = await self.client.request(nodeid, Read(fh, size - 1, 1, 0, 0, 0))
+        except HostError:
+            return  # e.g. a write-only handle (lseek(SEEK_END) asks too): no read follows
+        data = reply.body.data
+        if len(data) != 1:
+            return  # it shrank meanwhile: a READ will cut the kernel's i_size (short reply)
+        st = self._inode(nodeid)
+        leased = self._accept(reply.lease)
+        if not leased:
+            # The byte may land in an uptodate page (when `size - 1` starts a
+            # page): unleased data, like any unleased READ reply (R4).
+            st.tainted = True
+            st.taint_seq += 1
+        st.fill_seq += 1
+        st.may_have_pages = True
+        err, _ = await self._notify("store", self.dev.notify_store, nodeid, size - 1, data)
+        if err == 0:
+            self.stats.size_repairs += 1
+            self._grows_to(nodeid, size)
 
     def _open_flags(self, writing: bool, granted: bool) -> int:
         match self.policy:
@@ -684,6 +780,7 @@ async def _lookup(m: GuestMount, h, body) -> bytes:
     m.stats.lookups += 1
     reply = await m.client.request(h.nodeid, Lookup(name))
     entry = reply.body
+    m._size_fetched(entry.nodeid, entry.attr)
     granted = await m._attrs_granted(entry.nodeid, reply.lease)
     return m._entry_bytes(h.nodeid, entry, granted)
 
@@ -697,10 +794,15 @@ async def _getattr(m: GuestMount, h, body) -> bytes:
     # sent this GETATTR; it must not find their pages.
     earlier_reads = list(st.reads) if st is not None else []
     reply = await m.client.request(h.nodeid, Getattr(fh, arg.getattr_flags))
+    m._size_fetched(h.nodeid, reply.body.attr)
     if m.leases and st is not None:
         await m._drain_and_purge(h.nodeid, earlier_reads)
     granted = await m._attrs_granted(h.nodeid, reply.lease)
-    return m._attr_bytes(reply.body, granted)
+    if m.leases and arg.getattr_flags & FUSE_GETATTR_FH:
+        # A GETATTR with a file handle comes from read(2) (fuse_cache_read_iter),
+        # which then reads up to the kernel's i_size, whatever this reply says.
+        await m._repair_size(h.nodeid, fh, reply.body.attr.size)
+    return m._attr_bytes(h.nodeid, reply.body, granted)
 
 
 async def _setattr(m: GuestMount, h, body) -> bytes:
@@ -715,8 +817,9 @@ async def _setattr(m: GuestMount, h, body) -> bytes:
                  atimensec=atimensec, mtimensec=mtimensec, ctimensec=a.ctimensec, mode=a.mode,
                  uid=a.uid, gid=a.gid, lock_owner=a.lock_owner)
     reply = await m.client.request(h.nodeid, op)
+    m._size_fetched(h.nodeid, reply.body.attr)
     await m._own_modification(h.nodeid, reply.lease)
-    return m._attr_bytes(reply.body, False)
+    return m._attr_bytes(h.nodeid, reply.body, False)
 
 
 def _writing(flags: int) -> bool:
@@ -745,6 +848,7 @@ async def _create(m: GuestMount, h, body) -> bytes:
     reply = await m.client.request(
         h.nodeid, Create(arg.name, arg.flags, arg.mode & 0o7777, arg.umask, arg.open_flags))
     entry, opened = reply.body.entry, reply.body.open
+    m._size_fetched(entry.nodeid, entry.attr)
     await m._own_modification(entry.nodeid, reply.lease)
     flags = m._open_flags(True, False)
     return m._entry_bytes(h.nodeid, entry, False) + m._opened(opened.fh, flags)
@@ -788,6 +892,8 @@ async def _read(m: GuestMount, h, body) -> None:
             m.stats.direct_reads += 1
             m.stats.direct_read_bytes += len(data)
         unleased = st is not None and not all(m._accept(lease) for lease in leases)
+        if len(data) < arg.size:
+            m._may_shrink_to(nodeid, arg.offset + len(data))  # fuse_read_update_size
         # No await from the grant check to the reply: an INVALIDATE handled in
         # between would otherwise not be seen by the check.
         m.dev.reply(h.unique, 0, data)
@@ -801,7 +907,8 @@ async def _read(m: GuestMount, h, body) -> None:
                 st.taint_seq += 1
                 if cached:
                     m.stats.unleased_cached_replies += 1
-                    m._schedule_purge(nodeid)
+                    if not m.hold_purges:
+                        m._schedule_purge(nodeid)
         return None
     finally:
         if st is not None:
@@ -819,6 +926,7 @@ async def _write(m: GuestMount, h, body) -> bytes:
     reply = await m.client.request(h.nodeid, Write(arg.fh, arg.offset, data, arg.write_flags,
                                                    arg.lock_owner, arg.flags))
     await m._own_modification(h.nodeid, reply.lease)
+    m._grows_to(h.nodeid, arg.offset + reply.body.size)  # fuse_write_update_attr
     return fuse.WriteOut.build({"size": reply.body.size})
 
 
@@ -926,9 +1034,11 @@ async def run_mount(address: str, mountpoint: str, *, name: str = "mount",
     # Fault injection for tests: hold every READ reply (an INVALIDATE then
     # arrives while the kernel still waits for the READ of the same pages).
     delay = float(os.environ.get("CLEANLEASE_MOUNT_READ_DELAY_MS", "0")) / 1000.0
+    # ... and leave tainted pages for the next GETATTR to drop (docs/mount.md, R4).
+    hold_purges = os.environ.get("CLEANLEASE_MOUNT_HOLD_PURGES") == "1"
     mount = await open_mount(address, mountpoint, name=name, token=token,
                              request_timeout=request_timeout, stats_path=stats_path,
-                             read_delay=delay)
+                             read_delay=delay, hold_purges=hold_purges)
     client = mount.client
     print(f"READY {mount.mountpoint} policy={client.policy.label} guest={client.hello.guest_id}",
           flush=True)

@@ -113,12 +113,14 @@ pytestmark = pytest.mark.skipif(_why is not None, reason=f"FUSE mount not possib
 class MountedGuest:
     """A `cleanlease guest --mount` process, and its counters."""
 
-    def __init__(self, address: str, mountpoint, name: str, read_delay_ms: int = 0):
+    def __init__(self, address: str, mountpoint, name: str, read_delay_ms: int = 0,
+                 env: dict[str, str] | None = None):
         self.mountpoint = str(mountpoint)
         os.makedirs(self.mountpoint, exist_ok=True)
         self.stats_path = self.mountpoint + ".stats.json"
         delay = f"CLEANLEASE_MOUNT_READ_DELAY_MS={read_delay_ms}"  # fault injection, 0: none
-        self.child = Child(["env", delay, sys.executable, "-m", "workload.cli", "guest",
+        extra = [f"{k}={v}" for k, v in (env or {}).items()]  # more fault injection
+        self.child = Child(["env", delay, *extra, sys.executable, "-m", "workload.cli", "guest",
                             "--connect", address, "--mount", self.mountpoint,
                             "--stats", self.stats_path, "--actor", name], name)
         line = self.child.line(30)
@@ -160,8 +162,9 @@ def mount_guest(tmp_path):
     """mount_guest(address, name) -> MountedGuest mounted at tmp_path/mnt-NAME."""
     started: list[MountedGuest] = []
 
-    def start(address: str, name: str, read_delay_ms: int = 0) -> MountedGuest:
-        guest = MountedGuest(address, tmp_path / f"mnt-{name}", name, read_delay_ms)
+    def start(address: str, name: str, read_delay_ms: int = 0,
+              env: dict[str, str] | None = None) -> MountedGuest:
+        guest = MountedGuest(address, tmp_path / f"mnt-{name}", name, read_delay_ms, env)
         started.append(guest)
         return guest
 
