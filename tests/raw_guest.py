@@ -1,0 +1,140 @@
+"""A guest the test drives frame by frame, for putting one event between two others.
+
+It speaks the real protocol (the sans-I/O `Connection` and codec) over a real
+socket to a real host process, but does nothing by itself: it ACKs an
+invalidation only when told (`ack`), heartbeats only when told (`heartbeat`),
+and can send a request without waiting for its reply (`send`, then `reply`).
+Invalidations are queued as they arrive (`next_invalidation`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+from protocol import wire
+from protocol.address import parse_address
+from protocol.connection import NEED_DATA, Connection, Role
+from protocol.messages import (
+    Ack,
+    ConnectionClosed,
+    FsReply,
+    FsRequest,
+    Getattr,
+    Heartbeat,
+    HeartbeatReply,
+    Hello,
+    HelloReply,
+    InvalEntry,
+    Invalidate,
+    Lookup,
+    Open,
+    Read,
+)
+
+ROOT = 1
+
+
+class RawGuest(asyncio.Protocol):
+    def __init__(self, name: str, client_id: bytes):
+        self.name = name
+        self.client_id = client_id
+        self.conn = Connection(Role.GUEST)
+        self.transport: asyncio.Transport | None = None
+        self.hello: HelloReply | None = None
+        self._replies: dict[int, asyncio.Future] = {}
+        self._heartbeats: dict[int, asyncio.Future] = {}
+        self.invalidations: asyncio.Queue = asyncio.Queue()
+        self.lost = asyncio.get_running_loop().create_future()
+        self._next = 1
+        self.sent_at: dict[int, float] = {}  # unique -> time.monotonic() when sent
+
+    @classmethod
+    async def connect(cls, address: str, name: str = "raw",
+                      client_id: bytes | None = None) -> "RawGuest":
+        loop = asyncio.get_running_loop()
+        self = cls(name, client_id or os.urandom(wire.CLIENT_ID_SIZE))
+        where = parse_address(address)
+        await loop.create_unix_connection(lambda: self, where.path)
+        hello = loop.create_future()
+        self._replies[-1] = hello
+        self.transport.write(self.conn.send(Hello(wire.PROTOCOL_VERSION, wire.SUPPORTED_FEATURES,
+                                                  wire.DEFAULT_MAX_FRAME, name, self.client_id)))
+        self.hello = await asyncio.wait_for(hello, 10)
+        assert self.hello.error == 0, self.hello
+        return self
+
+    # --- asyncio.Protocol -------------------------------------------------------
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def data_received(self, data):
+        self.conn.receive_data(data)
+        while (event := self.conn.next_event()) is not NEED_DATA:
+            match event:
+                case HelloReply():
+                    self._replies.pop(-1).set_result(event)
+                case FsReply():
+                    self._replies.pop(event.unique).set_result(event)
+                case HeartbeatReply():
+                    self._heartbeats.pop(event.seq).set_result(event)
+                case Invalidate() | InvalEntry():
+                    self.invalidations.put_nowait(event)
+                case ConnectionClosed():
+                    self.transport.close()
+
+    def connection_lost(self, exc):
+        if not self.lost.done():
+            self.lost.set_result(exc)
+
+    # --- what the test does -------------------------------------------------------
+
+    def send(self, nodeid: int, op, unique: int | None = None) -> int:
+        """Send one FS request; returns its unique (wait for it with `reply`)."""
+        if unique is None:
+            unique = self._next
+            self._next += 1
+        self._replies[unique] = asyncio.get_running_loop().create_future()
+        self.sent_at[unique] = time.monotonic()
+        self.transport.write(self.conn.send(FsRequest(unique, nodeid, op)))
+        return unique
+
+    async def reply(self, unique: int, timeout: float = 20.0) -> FsReply:
+        return await asyncio.wait_for(asyncio.shield(self._replies[unique]), timeout)
+
+    async def call(self, nodeid: int, op, timeout: float = 20.0) -> FsReply:
+        return await self.reply(self.send(nodeid, op), timeout)
+
+    async def next_invalidation(self, timeout: float = 20.0):
+        return await asyncio.wait_for(self.invalidations.get(), timeout)
+
+    def ack(self, seq: int) -> None:
+        self.transport.write(self.conn.send(Ack(seq)))
+
+    async def heartbeat(self, timeout: float = 20.0) -> HeartbeatReply:
+        seq = self._next
+        self._next += 1
+        future = self._heartbeats[seq] = asyncio.get_running_loop().create_future()
+        self.transport.write(self.conn.send(Heartbeat(seq)))
+        return await asyncio.wait_for(future, timeout)
+
+    async def open(self, name: str, flags: int = os.O_RDONLY) -> tuple[int, int]:
+        """LOOKUP and OPEN `name` in the export's root: (nodeid, fh)."""
+        entry = await self.call(ROOT, Lookup(os.fsencode(name)))
+        assert entry.error == 0, entry
+        opened = await self.call(entry.body.nodeid, Open(flags))
+        assert opened.error == 0, opened
+        return entry.body.nodeid, opened.body.fh
+
+    async def read(self, nodeid: int, fh: int, size: int = 4096) -> FsReply:
+        reply = await self.call(nodeid, Read(fh, 0, size))
+        assert reply.error == 0, reply
+        return reply
+
+    async def getattr(self, nodeid: int) -> FsReply:
+        return await self.call(nodeid, Getattr())
+
+    def close(self) -> None:
+        self.transport.abort()
