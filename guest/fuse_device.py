@@ -284,3 +284,271 @@ def parse_request(buf: bytes):
     if header.len != len(buf):
         raise ValueError(f"fuse_in_header.len {header.len} but read {len(buf)} bytes")
     return header, memoryview(buf)[fuse.FUSE_IN_HEADER_SIZE:]
+
+
+# --- aborting a connection from outside the process that serves it ----------------------
+
+FUSECTL = "/sys/fs/fuse/connections"
+CLONE_NEWNS = 0x00020000
+MS_REC = 0x4000
+MS_PRIVATE = 1 << 18
+MNT_FORCE = 1
+_libc.unshare.argtypes = [ctypes.c_int]
+
+
+def mounted_connection(mountpoint: str) -> int | None:
+    """The fusectl number of the FUSE mount at `mountpoint` (its device minor), from
+    /proc/self/mountinfo; None if no FUSE file system is mounted there."""
+    target = resolve_mountpoint(mountpoint)
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) < 10 or parts[4] != target:
+                    continue
+                fstype = parts[parts.index("-") + 1]
+                if fstype.startswith("fuse"):
+                    return int(parts[2].split(":")[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def abort_connection(connection: int, mountpoint: str | None = None) -> str | None:
+    """Abort FUSE connection `connection`: every request waiting in the kernel ends
+    with an error, every page lock a READ held goes, and no request is sent any
+    more (they fail with ENOTCONN).  The page cache is NOT dropped: pages and
+    mappings stay readable (measured on 6.18; docs/mount.md), so a caller that
+    must not leave old bytes behind purges every inode afterwards.
+
+    Tries fusectl's `abort` file; if fusectl is not mounted, mounts it in a
+    private mount namespace (this changes the calling process's namespace for
+    good, and needs a single-threaded process: call it from one that is about
+    to exit); last, umount2(MNT_FORCE) of `mountpoint` if our connection is
+    still mounted there (fuse_umount_begin aborts even when the unmount is
+    then refused as busy).  Returns how it was done, or None."""
+    control = f"{FUSECTL}/{connection}/abort"
+    if not os.path.exists(control):
+        if _libc.unshare(CLONE_NEWNS) == 0 and \
+                _libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) == 0:
+            _libc.mount(b"fusectl", FUSECTL.encode(), b"fusectl", 0, None)
+    try:
+        with open(control, "w") as f:
+            f.write("1")
+        return "fusectl"
+    except OSError:
+        pass
+    if mountpoint is not None and mounted_connection(mountpoint) == connection:
+        _libc.umount2(os.fsencode(resolve_mountpoint(mountpoint)), MNT_FORCE)  # EBUSY expected
+        return "MNT_FORCE"
+    return None
+
+
+# --- the watchdog ---------------------------------------------------------------------
+#
+# A mounting guest's kernel keeps pages, and mappings of them, for as long as the
+# file system lives, whether or not the guest process is there to drop them: a
+# guest stopped with SIGSTOP, or killed, leaves them in place, and an aborted
+# connection still serves them (docs/mount.md, "When the term runs out").  The
+# watchdog is a second, single-threaded process holding a dup of the guest's
+# /dev/fuse fd.  When the guest's lease term is about to run out without a
+# renewal, or the guest process dies, or the guest asks, it aborts the
+# connection and then writes FUSE_NOTIFY_INVAL_INODE for every inode whose
+# data may be in the page cache: pages go, mappings are unmapped, and every
+# later read(2), fault or open fails (ENOTCONN, SIGBUS) instead of returning
+# old bytes.
+#
+# The guest tells it, over a pipe of 8-byte records, which node ids may have
+# pages (before the first READ reply of each), which ones the kernel forgot,
+# and when to quit or fire; and it publishes its term's deadline (monotonic ns)
+# in a shared page.  Deadline 0: no term yet; 1: the term is over (fenced).
+
+WATCHDOG_ADD = 0
+WATCHDOG_DEL = 1 << 62
+WATCHDOG_QUIT = 3 << 62
+WATCHDOG_FIRE = (3 << 62) | 1
+WATCHDOG_FIRED = 3  # its exit status after firing
+# It fires earlier by this much per inode it will purge: about twice what one
+# FUSE_NOTIFY_INVAL_INODE took here (28 us for a 1-page file, 1000 inodes).
+PURGE_NS_PER_INODE = 60_000
+_RECORD = 8
+_KIND = 3 << 62
+
+
+class Watchdog:
+    """The guest's end of a watchdog process (see above)."""
+
+    def __init__(self, dev_fd: int, connection: int, mountpoint: str, guard_ns: int):
+        import mmap
+        import subprocess
+        import sys
+
+        self.connection = connection
+        self._shm_fd = os.memfd_create("cleanlease-term", os.MFD_CLOEXEC)
+        os.ftruncate(self._shm_fd, 4096)
+        self._shm = mmap.mmap(self._shm_fd, 4096)
+        self._deadline = ctypes.c_uint64.from_buffer(self._shm, 0)  # one aligned 8-byte store
+        cmd_r, self._cmd_w = os.pipe2(os.O_CLOEXEC)
+        ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        try:
+            # Its own session: a signal to the guest's process group spares it.
+            # Its stderr is the guest's (one line when it fires).
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "guest.fuse_device", "watchdog", str(dev_fd),
+                 str(self._shm_fd), str(cmd_r), str(ready_w), str(os.getpid()),
+                 str(connection), mountpoint, str(guard_ns)],
+                pass_fds=(dev_fd, self._shm_fd, cmd_r, ready_w), start_new_session=True,
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, cwd=root)
+        finally:
+            os.close(cmd_r)
+            os.close(ready_w)
+        self.ready_fd = ready_r  # readable ("R") once it is watching; EOF if it died
+        self.pidfd = os.pidfd_open(self.proc.pid)
+        self.closed = False
+
+    def publish(self, deadline_ns: int) -> None:
+        self._deadline.value = deadline_ns
+
+    def _send(self, record: int) -> bool:
+        if self.closed:
+            return False
+        try:
+            os.write(self._cmd_w, record.to_bytes(_RECORD, "little"))
+            return True
+        except OSError:  # it is gone (EPIPE)
+            return False
+
+    def add(self, nodeid: int) -> bool:
+        return self._send(WATCHDOG_ADD | nodeid)
+
+    def remove(self, nodeid: int) -> bool:
+        return self._send(WATCHDOG_DEL | nodeid)
+
+    def fire(self) -> bool:
+        """Abort the connection and purge every inode now, then exit."""
+        return self._send(WATCHDOG_FIRE)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def close(self, quit: bool = True) -> None:
+        """Let it go (QUIT: it exits without doing anything), and free our ends."""
+        if self.closed:
+            return
+        if quit:
+            self._send(WATCHDOG_QUIT)
+        self.closed = True
+        for fd in (self._cmd_w, self.ready_fd, self.pidfd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        del self._deadline
+        self._shm.close()
+        os.close(self._shm_fd)
+
+
+def _watchdog_main(argv: list[str]) -> int:
+    import mmap
+    import select
+    import sys
+    import time
+
+    dev_fd, shm_fd, cmd_fd, ready_fd, guest_pid, connection = map(int, argv[:6])
+    mountpoint, guard_ns = argv[6], int(argv[7])
+    shm = mmap.mmap(shm_fd, 4096)
+    deadline = ctypes.c_uint64.from_buffer(shm, 0)
+    try:
+        guest = os.pidfd_open(guest_pid)
+    except ProcessLookupError:
+        guest = None
+    os.set_blocking(cmd_fd, False)
+    nodeids: set[int] = set()
+    poller = select.poll()
+    poller.register(cmd_fd, select.POLLIN)
+    if guest is not None:
+        poller.register(guest, select.POLLIN)
+
+    def drain() -> str | None:
+        """Apply every record waiting in the pipe; 'quit', 'fire', 'eof' or None."""
+        while True:
+            try:
+                data = os.read(cmd_fd, 4096 * _RECORD)
+            except BlockingIOError:
+                return None
+            if not data:
+                return "eof"
+            for i in range(0, len(data) - len(data) % _RECORD, _RECORD):
+                record = int.from_bytes(data[i:i + _RECORD], "little")
+                kind, nodeid = record & _KIND, record & ~_KIND
+                if kind == WATCHDOG_ADD:
+                    nodeids.add(nodeid)
+                elif kind == WATCHDOG_DEL:
+                    nodeids.discard(nodeid)
+                elif record == WATCHDOG_QUIT:
+                    return "quit"
+                elif record == WATCHDOG_FIRE:
+                    return "fire"
+
+    def fire(reason: str, late_ns: int = 0) -> int:
+        started = time.monotonic_ns()
+        dead = guest is None or bool(select.select([guest], [], [], 0)[0])
+        how = None
+        if dead and mounted_connection(mountpoint) == connection:
+            # Nobody will serve it again: abort (MNT_FORCE) and detach it, here
+            # in the guest's mount namespace.
+            _libc.umount2(os.fsencode(resolve_mountpoint(mountpoint)), MNT_FORCE)
+            how = "MNT_FORCE"
+            try:
+                umount(mountpoint)
+            except OSError:
+                pass
+        how = how or abort_connection(connection, mountpoint)
+        drain()  # node ids sent before the abort (none can follow it)
+        header = _notify_header(fuse.NotifyCode.INVAL_INODE, fuse.NotifyInvalInodeOut.sizeof())
+        purged = gone = failed = 0
+        for nodeid in nodeids:
+            body = fuse.NotifyInvalInodeOut.build({"ino": nodeid, "off": 0, "len": 0})
+            try:
+                os.write(dev_fd, header + body)
+                purged += 1
+            except OSError as exc:
+                if exc.errno == errno.ENOENT:
+                    gone += 1
+                else:
+                    failed += 1
+        took = (time.monotonic_ns() - started) / 1e6
+        print(f"cleanlease watchdog: {reason}: connection {connection} aborted ({how}), "
+              f"{purged} inodes purged, {gone} not cached, {failed} failed, in {took:.1f} ms"
+              + (f", {late_ns / 1e6:.1f} ms after it was due" if late_ns else ""),
+              file=sys.stderr, flush=True)
+        return WATCHDOG_FIRED
+
+    os.write(ready_fd, b"R")
+    os.close(ready_fd)
+    while True:
+        due = deadline.value
+        now = time.monotonic_ns()
+        fire_at = due - guard_ns - len(nodeids) * PURGE_NS_PER_INODE
+        if due and now >= fire_at:
+            return fire("the lease term ran out without a renewal", now - fire_at)
+        wait_ms = 1000 if not due else min(1000, (fire_at - now) // 1_000_000 + 1)
+        for fd, _ in poller.poll(wait_ms):
+            if fd == guest:
+                return fire("the guest process died")
+            what = drain()
+            if what == "quit":
+                return 0
+            if what == "fire":
+                return fire("the guest asked")
+            if what == "eof":
+                return fire("the guest closed its end")
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:2] == ["watchdog"]:
+        sys.exit(_watchdog_main(sys.argv[2:]))
+    sys.exit(f"usage: {sys.argv[0]} watchdog ...")

@@ -64,10 +64,12 @@ from guest.fuse_device import (
     FUSE_GETATTR_FH,
     FUSE_MAX_PAGES,
     FUSE_PARALLEL_DIROPS,
+    WATCHDOG_FIRED,
     BatchForgetIn,
     FuseDevice,
     ForgetOne,
     StatfsOut,
+    Watchdog,
     parse_request,
 )
 from protocol import fuse
@@ -108,6 +110,12 @@ PAGE = 4096
 NOTIFIER_THREADS = 4
 # What the kernel may ask for in one READ/WRITE: bounded by the frame size.
 MAX_PAGES_LIMIT = 256
+# The watchdog fires this much before the term's end (the smaller of the two),
+# so that its purge is over before the host's clock margin runs out too
+# (host/leases.py, term_end: at least 50 ms and 1% of the term after it).
+WATCHDOG_GUARD_S = 0.1
+WATCHDOG_GUARD_SHARE = 0.1
+TERM_PUBLISH_S = 0.02  # how often the term's end is published to the watchdog
 
 
 class MountClient(GuestClient):
@@ -239,18 +247,32 @@ class GuestMount:
         self._tasks: set[asyncio.Task] = set()
         self._stats_task: asyncio.Task | None = None
         self._reading = False
+        # The watchdog (lease policies; docs/mount.md, "When the term runs out"):
+        # node ids whose data may be in the page cache, as it was told of them,
+        # and the kernel's lookup count of each (a FORGET to 0: nothing cached).
+        self.watchdog: Watchdog | None = None
+        self._watchdog_task: asyncio.Task | None = None
+        self._announced: set[int] = set()
+        self._lookups: dict[int, int] = {}
+        self._term_started = False
+        self._stopping = False
+        self._asked_fire = False
+        self.term_ran_out = False  # the watchdog fired on its own: the mount is void
         client.on_invalidate = self._on_invalidate
         self._session_watch = asyncio.ensure_future(self._watch_session(client.session))
 
     # --- lifecycle ---------------------------------------------------------------
 
     async def start(self, timeout: float = 10.0) -> None:
-        """Mount, and return once the kernel's INIT has been answered."""
+        """Mount, and return once the kernel's INIT has been answered (and, under
+        the lease policies, the watchdog is watching)."""
         self.dev.mount(self.mountpoint)
         self.connection = self.dev.connection_id()
         self.loop.add_reader(self.dev.fd, self._readable)
         self._reading = True
         try:
+            if self.leases:
+                await self._start_watchdog(timeout)
             await asyncio.wait_for(asyncio.shield(self.initialized), timeout)
         except BaseException:
             await self.stop()
@@ -258,25 +280,112 @@ class GuestMount:
         if self.stats_path:
             self._stats_task = asyncio.ensure_future(self._write_stats_loop())
 
+    async def _start_watchdog(self, timeout: float) -> None:
+        if self.connection is None:
+            raise OSError(errno.ENODEV, f"{self.mountpoint}: no FUSE connection number")
+        term = self.cache.lease_term_s
+        guard_ns = int(min(WATCHDOG_GUARD_S, WATCHDOG_GUARD_SHARE * term) * 1e9)
+        self.watchdog = Watchdog(self.dev.fd, self.connection, self.mountpoint, guard_ns)
+        ready = self.loop.create_future()
+
+        def readable():
+            self.loop.remove_reader(self.watchdog.ready_fd)
+            if not ready.done():
+                ready.set_result(os.read(self.watchdog.ready_fd, 1))
+
+        self.loop.add_reader(self.watchdog.ready_fd, readable)
+        if await asyncio.wait_for(ready, timeout) != b"R":
+            raise OSError(errno.ECHILD, "the mount's watchdog did not start")
+        self._publish_term()
+        self._watchdog_task = asyncio.ensure_future(self._watch_the_watchdog())
+
+    def _publish_term(self) -> None:
+        """Tell the watchdog until when this guest's leases last (monotonic ns)."""
+        until = self.cache.renewed_until
+        if until > 0:
+            self._term_started = True
+            self.watchdog.publish(int(until * 1e9))
+        elif self._term_started and not self._asked_fire:
+            self.watchdog.publish(1)  # cleared (fenced): over already
+            self._asked_fire = self.watchdog.fire()
+
+    async def _watch_the_watchdog(self) -> None:
+        """Publish the term every few ms; stop the mount if the watchdog exits."""
+        exited = asyncio.Event()
+        self.loop.add_reader(self.watchdog.pidfd, exited.set)
+        interval = min(TERM_PUBLISH_S, self.cache.lease_term_s / 50)
+        try:
+            while not exited.is_set():
+                self._publish_term()
+                try:
+                    await asyncio.wait_for(exited.wait(), interval)
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            self.loop.remove_reader(self.watchdog.pidfd)
+        status = self.watchdog.proc.wait()
+        if not self._stopping:
+            if status == WATCHDOG_FIRED:
+                self.request_stop("the lease term ran out: the watchdog aborted and purged "
+                                  "the mount")
+            else:
+                log.error("the watchdog of %s exited (%s): stopping the mount", self.mountpoint,
+                          status)
+                self.request_stop(f"the watchdog exited ({status})")
+
+    def _announce(self, nodeid: int) -> None:
+        """Data of `nodeid` may enter the page cache: the watchdog must purge it."""
+        if self.watchdog is not None and nodeid not in self._announced:
+            self._announced.add(nodeid)
+            self.watchdog.add(nodeid)
+
+    def _forgotten(self, nodeid: int, nlookup: int) -> None:
+        count = self._lookups.get(nodeid)
+        if count is None:
+            return
+        count -= nlookup
+        if count > 0:
+            self._lookups[nodeid] = count
+            return
+        # The kernel evicted the inode (fuse_evict_inode sends the FORGET): no pages.
+        del self._lookups[nodeid]
+        if nodeid in self._announced:
+            self._announced.discard(nodeid)
+            self.watchdog.remove(nodeid)
+
     def request_stop(self, reason: str) -> None:
         if not self.stop_reason:
             self.stop_reason = reason
         self.stop_requested.set()
 
     async def stop(self, timeout: float = 3.0) -> None:
-        """Unmount (MNT_DETACH), finish what is in flight, close /dev/fuse."""
+        """Unmount (MNT_DETACH), finish what is in flight, close /dev/fuse.
+
+        Once no file is open on the mount any more the kernel ends the
+        connection (read gives ENODEV), and the pages go with the file system.
+        Files still open (or mapped) keep it, and with it their pages; then the
+        connection is aborted and every inode purged, so that they cannot serve
+        old bytes once this guest's term has run out (by the watchdog, which
+        can abort from a private mount namespace; without one, by the guest)."""
+        self._stopping = True
         try:
             self.dev.umount()
         except OSError as exc:
             log.warning("umount %s: %s", self.mountpoint, exc)
-        # Once no file is open on it any more the kernel ends the connection
-        # (read gives ENODEV).  Files still open keep it; then we abort it.
+        purge_here = False
         try:
             await asyncio.wait_for(self.finished.wait(), timeout)
         except asyncio.TimeoutError:
-            aborted = self.dev.abort(self.connection)
-            log.warning("%s still busy after unmount; %s", self.mountpoint,
-                        "connection aborted" if aborted else "closing /dev/fuse")
+            if self.watchdog is not None and self.watchdog.alive() and self.watchdog.fire():
+                self._asked_fire = True
+                log.warning("%s still busy after unmount; the watchdog aborts and purges it",
+                            self.mountpoint)
+                await self.loop.run_in_executor(None, self._wait_watchdog, timeout)
+            else:
+                aborted = self.dev.abort(self.connection)
+                purge_here = bool(self._announced)
+                log.warning("%s still busy after unmount; %s", self.mountpoint,
+                            "connection aborted" if aborted else "closing /dev/fuse")
         for task in list(self._tasks):
             task.cancel()  # each answers its request with EINTR: no page stays locked
         if self._tasks:
@@ -286,12 +395,32 @@ class GuestMount:
             self._reading = False
         await asyncio.get_running_loop().run_in_executor(
             None, lambda: self.notifier.shutdown(wait=True, cancel_futures=True))
+        if purge_here:  # no READ is unanswered any more: nothing can block these
+            await self.loop.run_in_executor(None, self._purge_all_here)
+        if self._watchdog_task is not None:
+            self._watchdog_task.cancel()
+            await asyncio.gather(self._watchdog_task, return_exceptions=True)
+        if self.watchdog is not None:
+            self.watchdog.close(quit=True)
+            if self.watchdog.proc.poll() == WATCHDOG_FIRED and not self._asked_fire:
+                self.term_ran_out = True
         self.dev.close()
         if self._stats_task is not None:
             self._stats_task.cancel()
         self._session_watch.cancel()
         self.write_stats()
         self.finished.set()
+
+    def _wait_watchdog(self, timeout: float) -> None:
+        try:
+            self.watchdog.proc.wait(timeout)
+        except Exception:  # subprocess.TimeoutExpired
+            log.error("the watchdog of %s did not finish", self.mountpoint)
+
+    def _purge_all_here(self) -> None:
+        """Without a watchdog: drop every inode that may have pages, ourselves."""
+        for nodeid in list(self._announced):
+            self.dev.notify_inval_inode(nodeid, 0, 0)
 
     def write_stats(self) -> None:
         if not self.stats_path:
@@ -307,6 +436,7 @@ class GuestMount:
         d["mountpoint"] = self.mountpoint
         d["guest_id"] = self.client.hello.guest_id
         d["acks_sent"] = self.client.acks_sent
+        d["watchdog_nodeids"] = len(self._announced)  # what its purge would drop
         d["t_ns"] = time.monotonic_ns()  # when this snapshot was taken
         return d
 
@@ -484,9 +614,12 @@ class GuestMount:
         return outcome
 
     def _inode(self, nodeid: int) -> _Inode:
+        """Called before data of `nodeid` can reach the page cache (READ, STORE)."""
         st = self.inodes.get(nodeid)
         if st is None:
             st = self.inodes[nodeid] = _Inode()
+        if nodeid not in self._announced:
+            self._announce(nodeid)
         return st
 
     def _purge(self, nodeid: int, off: int = 0, length: int = 0) -> asyncio.Future:
@@ -589,6 +722,7 @@ class GuestMount:
             entry_valid = (entry.entry_valid, entry.entry_valid_nsec)
         attr_valid = self._valid_for(attr_granted, entry.attr_valid, entry.attr_valid_nsec)
         self._size_sent(entry.nodeid, entry.attr)
+        self._lookups[entry.nodeid] = self._lookups.get(entry.nodeid, 0) + 1
         return fuse.EntryOut.build({
             "nodeid": entry.nodeid, "generation": entry.generation,
             "entry_valid": entry_valid[0], "attr_valid": attr_valid[0],
@@ -723,7 +857,9 @@ def _init(m: GuestMount, h, body) -> None:
 
 
 def _forget(m: GuestMount, h, body) -> None:
-    m.client.forget(h.nodeid, fuse.ForgetIn.parse(bytes(body)).nlookup)
+    nlookup = fuse.ForgetIn.parse(bytes(body)).nlookup
+    m._forgotten(h.nodeid, nlookup)
+    m.client.forget(h.nodeid, nlookup)
 
 
 def _batch_forget(m: GuestMount, h, body) -> None:
@@ -731,6 +867,7 @@ def _batch_forget(m: GuestMount, h, body) -> None:
     size = ForgetOne.sizeof()
     for i in range(count):
         one = ForgetOne.parse(bytes(body[8 + i * size: 8 + (i + 1) * size]))
+        m._forgotten(one.nodeid, one.nlookup)
         m.client.forget(one.nodeid, one.nlookup)
 
 
@@ -1046,6 +1183,8 @@ async def run_mount(address: str, mountpoint: str, *, name: str = "mount",
     reason = mount.stop_reason
     await mount.stop()
     await client.close()
+    if mount.term_ran_out:  # (it may have looked like the kernel ending the connection)
+        reason = "the lease term ran out: the watchdog aborted and purged the mount"
     print(f"cleanlease guest: unmounted {mount.mountpoint}: {reason}", file=sys.stderr, flush=True)
     return 0 if reason.startswith(("signal", "the kernel")) else 1
 
