@@ -314,7 +314,8 @@ def mounted_connection(mountpoint: str) -> int | None:
     return None
 
 
-def abort_connection(connection: int, mountpoint: str | None = None) -> str | None:
+def abort_connection(connection: int, mountpoint: str | None = None, *,
+                     may_unshare: bool = True) -> str | None:
     """Abort FUSE connection `connection`: every request waiting in the kernel ends
     with an error, every page lock a READ held goes, and no request is sent any
     more (they fail with ENOTCONN).  The page cache is NOT dropped: pages and
@@ -324,11 +325,12 @@ def abort_connection(connection: int, mountpoint: str | None = None) -> str | No
     Tries fusectl's `abort` file; if fusectl is not mounted, mounts it in a
     private mount namespace (this changes the calling process's namespace for
     good, and needs a single-threaded process: call it from one that is about
-    to exit); last, umount2(MNT_FORCE) of `mountpoint` if our connection is
-    still mounted there (fuse_umount_begin aborts even when the unmount is
-    then refused as busy).  Returns how it was done, or None."""
+    to exit, and only with `may_unshare`); last, umount2(MNT_FORCE) of
+    `mountpoint` if our connection is still mounted there (fuse_umount_begin
+    aborts even when the unmount is then refused as busy).  Returns how it
+    was done, or None."""
     control = f"{FUSECTL}/{connection}/abort"
-    if not os.path.exists(control):
+    if not os.path.exists(control) and may_unshare:
         if _libc.unshare(CLONE_NEWNS) == 0 and \
                 _libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) == 0:
             _libc.mount(b"fusectl", FUSECTL.encode(), b"fusectl", 0, None)
