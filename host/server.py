@@ -29,13 +29,15 @@ from host import cachestat, replies
 from host.backend import ExportFS
 from host.detectors import Detector as HostDetector
 from host.detectors import NullDetector
-from host.leases import HOST_LOCAL, WAIT, InodeState, LeaseTable, Recall, term_end
+from host.leases import HOST_LOCAL, WAIT, InodeState, LeaseTable, Recall
+from host.ops import HANDLERS
+from host.recall import Recaller
+from host.session import HostConfig, HostStats, Session
 from protocol import auth, wire
 from protocol.address import parse_address
 from protocol.codec import UnsupportedOpcode
-from protocol.connection import NEED_DATA, Connection, Role, State
+from protocol.connection import NEED_DATA
 from protocol.errors import ProtocolError
-from protocol.fuse import FATTR_ATIME, FATTR_FH, FATTR_MODE, FATTR_MTIME, FATTR_SIZE, Opcode
 from protocol.messages import (
     LEASE_FIRST_DIRTY,
     LEASE_GRANTED,
@@ -47,9 +49,6 @@ from protocol.messages import (
     Auth,
     AuthReply,
     ConnectionClosed,
-    CreateOut,
-    DirEntry,
-    EmptyOut,
     EntryOut,
     FsReply,
     FsRequest,
@@ -60,11 +59,7 @@ from protocol.messages import (
     InvalEntry,
     Invalidate,
     LeaseGrant,
-    OpenOut,
     Policy,
-    ReaddirOut,
-    ReadOut,
-    WriteOut,
 )
 
 log = logging.getLogger("cleanlease.host")
@@ -91,109 +86,6 @@ class Modification:
 
     nodeid: int
     first: bool
-
-
-@dataclass
-class HostConfig:
-    export: str
-    policy: Policy = Policy.CLEAN_LEASE
-    lease_term_ms: int = 2000
-    ack_timeout_ms: int = 500
-    clean_after_ms: int = 20
-    ttl_ms: int = 1000
-    max_frame: int = wire.DEFAULT_MAX_FRAME
-    max_in_flight: int = 256
-    max_sessions: int = 64
-    max_handles_per_guest: int = 1024
-    # With a token, every connection must prove it knows it (protocol/auth.py)
-    # before anything else is served.
-    token: bytes | None = None
-    # A connection that has not finished HELLO (and AUTH) by then is closed, so
-    # that silent or slow peers cannot hold sockets; at most max_sessions may
-    # be that far at once.
-    handshake_timeout_ms: int = 5000
-
-
-@dataclass
-class HostStats:
-    sessions: int = 0
-    auth_failures: int = 0
-    handshakes_refused: int = 0  # too many at once, or not finished in time
-    requests: int = 0
-    errors: int = 0
-    protocol_errors: int = 0
-    invalidations_sent: int = 0
-    inval_entries_sent: int = 0
-    acks: int = 0
-    recalls: int = 0
-    fenced: int = 0
-    flushes: int = 0
-    rearms: int = 0
-    rearm_refused: int = 0
-    bytes_to_guests: int = 0
-    host_local_events: int = 0
-    recall_wait_max_ns: int = 0  # the longest a recall has taken (there were `recalls`)
-    # Holders whose connection was lost while they held a lease: a recall
-    # waited for their term to run out (a mount's kernel keeps its pages).
-    departed_waits: int = 0
-    renewals_withheld: int = 0  # replies sent with LEASE_NOT_RENEWED (an ACK was owed)
-
-    def as_dict(self) -> dict:
-        d = dict(self.__dict__)
-        del d["recall_wait_max_ns"]
-        d["recall_wait_ns"] = {"count": self.recalls, "max": self.recall_wait_max_ns}
-        return d
-
-
-class Session:
-    """One connected guest: its connection, its handles' write modes, its liveness."""
-
-    def __init__(self, daemon: "HostDaemon", transport: asyncio.Transport):
-        self.daemon = daemon
-        self.transport = transport
-        self.conn = Connection(Role.HOST, max_frame=daemon.config.max_frame,
-                               max_in_flight=daemon.config.max_in_flight)
-        self.guest_id = 0
-        self.name = "?"
-        self.client_id = bytes(16)
-        self.last_seen = time.monotonic()
-        # The latest instant from which the host renewed this guest's term: the
-        # arrival of a request (or HEARTBEAT) whose reply renewed it.  No reply
-        # renews while an invalidation is owed (`acks`), so while the host waits
-        # for an ACK, this, and the instant it may fence at, stand still.
-        self.renewed_at = self.last_seen
-        self.fenced = False
-        self.closed = False
-        self.write_handles: dict[int, int] = {}  # fh -> nodeid, for open-lease
-        self.acks: dict[int, asyncio.Future] = {}
-        self.host_nonce = b""  # the AUTH challenge sent in the HELLO reply
-        self.handshake_timer: asyncio.TimerHandle | None = None
-
-    def send(self, message) -> None:
-        """Write `message`; dropped if the connection has failed or is closing (the
-        guest is gone, or about to be: nothing it could still use is lost)."""
-        if self.closed or self.transport.is_closing() or self.conn.state in (State.ERROR,
-                                                                              State.CLOSED):
-            return
-        data = self.conn.send(message)
-        self.daemon.stats.bytes_to_guests += len(data)
-        self.transport.write(data)
-
-    def lease_expiry(self) -> float:
-        """The instant after which this guest surely serves nothing from its cache,
-        clock margins included (host/leases.py, `term_end`)."""
-        return term_end(self.renewed_at, self.daemon.config.lease_term_ms / 1000.0)
-
-    def renews(self, received_at: float) -> bool:
-        """May a reply to a frame received at `received_at` renew this guest's term?
-
-        Not while an invalidation sent to it is unACKed, nor once it is fenced.
-        When it may, the term is counted from `received_at` from now on."""
-        if self.fenced or self.acks:
-            return False
-        if received_at > self.renewed_at:
-            self.renewed_at = received_at
-        return True
 
 
 class _GuestProtocol(asyncio.Protocol):
@@ -228,9 +120,8 @@ class HostDaemon:
         self._handshaking: set[Session] = set()
         self.stats = HostStats()
         self._next_guest_id = 1
-        self._next_seq = 1
         self._recall_done: dict[int, asyncio.Future] = {}
-        self._departed: dict[int, Session] = {}  # lost connections whose term runs on
+        self.recaller = Recaller(config, self.stats, self.leases, self.sessions, self._forget_guest)
         self.replies = replies.ReplyCache(per_client=config.max_in_flight,
                                           clients=4 * config.max_sessions)
         self._flush_timers: dict[int, asyncio.TimerHandle] = {}
@@ -279,7 +170,7 @@ class HostDaemon:
     def accept(self, transport: asyncio.Transport) -> Session:
         """A new connection.  It gets `handshake_timeout_ms` to finish HELLO (and
         AUTH); beyond `max_sessions` unfinished handshakes it is closed at once."""
-        session = Session(self, transport)
+        session = Session(self.config, self.stats, transport)
         if len(self._handshaking) >= self.config.max_sessions:
             self.stats.handshakes_refused += 1
             log.warning("%d connections are still in their handshake: refusing another",
@@ -418,12 +309,7 @@ class HostDaemon:
 
     def session_lost(self, session: Session) -> None:
         """A guest's connection went away: its handles go at once, its leases only
-        once its term has surely run out.
-
-        A lost connection is not an ACK: a guest that mounted the export may
-        still serve its kernel's pages and attributes.  Until `lease_expiry`
-        it counts as a silent holder (`_departed`): a recall waits for its
-        term to run out, and its pending ACKs stay unanswered."""
+        once its term has surely run out (`Recaller.connection_lost`)."""
         session.closed = True
         self._end_handshake(session)
         if self.sessions.get(session.guest_id) is not session:
@@ -431,21 +317,10 @@ class HostDaemon:
         del self.sessions[session.guest_id]
         self.fs.close_handles_of(session.guest_id)
         self.leases.drop_writer(session.guest_id)
-        remaining = session.lease_expiry() - time.monotonic()
-        if session.fenced or remaining <= 0 or not self.leases.holds_any(session.guest_id):
-            self._forget_guest(session.guest_id)
-            return
-        # Its node ids stay known too: a lease is kept by node id, and a writer
-        # looking the file up again must find the same one, and its holder.
-        self._departed[session.guest_id] = session
-        asyncio.get_running_loop().call_later(remaining, self._departed_expired, session)
-
-    def _departed_expired(self, session: Session) -> None:
-        """The term of a guest whose connection was lost has run out: it holds nothing."""
-        if self._departed.pop(session.guest_id, None) is session:
-            self._forget_guest(session.guest_id)
+        self.recaller.connection_lost(session)
 
     def _forget_guest(self, guest: int) -> None:
+        """`guest` holds nothing any more: its leases and node ids go."""
         self.leases.drop_holder(guest)
         self.fs.drop_owner(guest)
 
@@ -640,7 +515,7 @@ class HostDaemon:
     async def _recall(self, recall: Recall) -> None:
         """Carry out `recall` of an inode's data; then the modification may land."""
         try:
-            await self._carry_out_recall(recall, lambda seq: Invalidate(
+            await self.recaller.carry_out(recall, lambda seq: Invalidate(
                 seq, recall.ino, 0, 0, recall.generation))
         finally:
             self.leases.recall_finished(recall.ino)
@@ -673,79 +548,11 @@ class HostDaemon:
         decision = self.leases.begin_namespace_change(directory, writer)
         try:
             if isinstance(decision, Recall):
-                await asyncio.shield(asyncio.ensure_future(self._carry_out_recall(
+                await asyncio.shield(asyncio.ensure_future(self.recaller.carry_out(
                     decision, lambda seq: InvalEntry(seq, directory, name, decision.generation))))
             yield
         finally:
             self.leases.namespace_change_landed(directory)
-
-    async def _carry_out_recall(self, recall: Recall, make) -> None:
-        """Send one invalidation to each holder and wait for every ACK or fence.
-
-        Invariant 2: this returns only when no holder can still serve the old
-        data: it ACKed, or its term has surely run out (it was fenced, or its
-        connection was lost that long ago).  The holders are waited for
-        concurrently, so the wait is at most ack timeout + term (+ the clock
-        margin) however many of them are silent (invariant 3).
-        """
-        started = time.monotonic_ns()
-        self.stats.recalls += 1
-        try:
-            waits = []
-            for guest in recall.holders:
-                session = self.sessions.get(guest)
-                if session is not None and not session.closed and not session.fenced:
-                    waits.append(self._await_ack(session, self._send_invalidation(session, make)))
-                elif (departed := self._departed.get(guest)) is not None:
-                    self.stats.departed_waits += 1
-                    waits.append(self._await_term_end(departed))
-            await asyncio.gather(*waits)
-        finally:
-            waited = time.monotonic_ns() - started
-            self.stats.recall_wait_max_ns = max(self.stats.recall_wait_max_ns, waited)
-
-    def _send_invalidation(self, session: Session, make) -> asyncio.Future:
-        """Send `make(seq)` to `session`; returns the future of its ACK.  If it
-        cannot be sent, the connection is closed: a lost one, never ACKed."""
-        seq = self._next_seq
-        self._next_seq += 1
-        message = make(seq)
-        ack = asyncio.get_running_loop().create_future()
-        session.acks[seq] = ack  # from now on no reply renews this guest's term
-        try:
-            session.send(message)
-        except ProtocolError:
-            session.transport.abort()
-        if isinstance(message, Invalidate):
-            self.stats.invalidations_sent += 1
-        else:
-            self.stats.inval_entries_sent += 1
-        return ack
-
-    async def _await_ack(self, session: Session, ack: asyncio.Future) -> None:
-        """Wait for one holder's ACK: up to the ack timeout, or up to the end of
-        its term if that is later.  A holder that has not ACKed by then is
-        fenced: its term has surely run out, so it serves nothing any more.
-        A lost connection is not an ACK: its future is never resolved."""
-        # Its term stands still from the moment the invalidation was sent
-        # (Session.renews), so this limit cannot move however busy it is.
-        limit = max(self.config.ack_timeout_ms / 1000.0, session.lease_expiry() - time.monotonic())
-        try:
-            await asyncio.wait_for(asyncio.shield(ack), limit)
-            return
-        except asyncio.TimeoutError:
-            pass
-        log.warning("guest %s (%d) did not ACK; fenced after its lease term", session.name,
-                    session.guest_id)
-        session.fenced = True
-        self.stats.fenced += 1
-        self.leases.drop_holder(session.guest_id)
-
-    async def _await_term_end(self, session: Session) -> None:
-        """A holder whose connection was lost: wait until its term has surely run out."""
-        remaining = session.lease_expiry() - time.monotonic()
-        if remaining > 0:
-            await asyncio.sleep(remaining)
 
     # --- host-local changes, reported by the detector ---------------------------------
 
@@ -847,196 +654,7 @@ class HostDaemon:
             json.dump(self.stats_dict(), f, indent=2)
 
 
-# --- the handlers, one per opcode ------------------------------------------------------
-
-
 def _peer(session: Session) -> str:
     """Where a connection comes from, for logs (a Unix socket peer has no name)."""
     peer = session.transport.get_extra_info("peername")
     return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
-
-
-def _is_dir(st: os.stat_result) -> bool:
-    return stat_module.S_ISDIR(st.st_mode)
-
-
-async def _lookup(d: HostDaemon, s: Session, r: FsRequest) -> FsReply:
-    nodeid, st = d.fs.lookup(s.guest_id, r.nodeid, r.op.name)
-    # While a name in the directory is being recalled, the entry may not be cached.
-    cacheable = not d.leases.names_changing(r.nodeid)
-    return FsReply(r.unique, 0, d.entry_out(nodeid, st, cacheable=cacheable),
-                   d.lease_for(s, nodeid, is_dir=_is_dir(st)))
-
-
-async def _forget(d: HostDaemon, s: Session, r: FsRequest) -> None:
-    d.fs.forget(s.guest_id, r.nodeid, r.op.nlookup)
-    return None  # FORGET has no reply
-
-
-async def _getattr(d: HostDaemon, s: Session, r: FsRequest) -> FsReply:
-    st = d.fs.getattr(s.guest_id, r.nodeid)
-    return FsReply(r.unique, 0, d.attr_out(st), d.lease_for(s, r.nodeid, is_dir=_is_dir(st)))
-
-
-async def _setattr(d: HostDaemon, s: Session, r: FsRequest) -> FsReply:
-    op = r.op
-    before = d.fs.getattr(s.guest_id, r.nodeid)  # refuse unknown nodeids before recalling
-    async with d.modification(r.nodeid, s.guest_id, is_dir=_is_dir(before)):
-        st = d.fs.setattr(
-            s.guest_id, r.nodeid,
-            size=op.size if op.valid & FATTR_SIZE else None,
-            mode=op.mode & 0o7777 if op.valid & FATTR_MODE else None,
-            atime_ns=op.atime * 1_000_000_000 + op.atimensec if op.valid & FATTR_ATIME else None,
-            mtime_ns=op.mtime * 1_000_000_000 + op.mtimensec if op.valid & FATTR_MTIME else None,
-            fh=op.fh if op.valid & FATTR_FH else None)
-    return FsReply(r.unique, 0, d.attr_out(st), d.revoked(r.nodeid))
-
-
-def _writes(flags: int) -> bool:
-    return (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
-
-
-async def _open(d: HostDaemon, s: Session, r: FsRequest) -> FsReply:
-    flags = r.op.flags
-    st = d.fs.getattr(s.guest_id, r.nodeid)
-    if _is_dir(st):
-        raise OSError(errno.EISDIR, "use READDIR on directories")
-    writing = _writes(flags)
-    if writing:
-        await d.open_for_write(r.nodeid, s.guest_id)
-    try:
-        if flags & os.O_TRUNC:
-            async with d.modification(r.nodeid, s.guest_id):
-                fh = d.fs.open(s.guest_id, r.nodeid, flags)
-        else:
-            fh = d.fs.open(s.guest_id, r.nodeid, flags)
-    except BaseException:
-        if writing:
-            d.leases.close_for_write(r.nodeid, s.guest_id)
-        raise
-    if writing:
-        s.write_handles[fh] = r.nodeid
-        lease = d.revoked(r.nodeid)
-    else:
-        lease = d.lease_for(s, r.nodeid)
-    return FsReply(r.unique, 0, OpenOut(fh), lease)
-
-
-async def _create(d: HostDaemon, s: Session, r: FsRequest) -> FsReply:
-    op = r.op
-    d.fs.getattr(s.guest_id, r.nodeid)
-    async with d.namespace_change(r.nodeid, op.name, s.guest_id):
-        d.before_create(r.nodeid, op.name)
-        # O_TRUNC on an existing file is a modification: it must wait for the recall.
-        flags = op.flags & ~os.O_TRUNC
-        nodeid, st, fh = d.fs.create(s.guest_id, r.nodeid, op.name, flags, op.mode & ~op.umask)
-    await d.open_for_write(nodeid, s.guest_id)
-    s.write_handles[fh] = nodeid
-    if op.flags & os.O_TRUNC and st.st_size:
-        async with d.modification(nodeid, s.guest_id):
-            st = d.fs.setattr(s.guest_id, nodeid, size=0, fh=fh)
-    return FsReply(r.unique, 0, CreateOut(d.entry_out(nodeid, st), OpenOut(fh)), d.revoked(nodeid))
-
-
-async def _read(d: HostDaemon, s: Session, r: FsRequest) -> FsReply:
-    op = r.op
-    limit = s.conn.max_frame - 64  # room for the headers and the lease trailer
-    nodeid = d.fs.nodeid_of_handle(s.guest_id, op.fh)
-    data = d.fs.read(s.guest_id, op.fh, op.offset, min(op.size, limit))
-    return FsReply(r.unique, 0, ReadOut(data), d.lease_for(s, nodeid))
-
-
-async def _write(d: HostDaemon, s: Session, r: FsRequest) -> FsReply:
-    op = r.op
-    nodeid = d.fs.nodeid_of_handle(s.guest_id, op.fh)
-    async with d.modification(nodeid, s.guest_id) as m:
-        written = d.fs.write(s.guest_id, op.fh, op.offset, op.data)
-    return FsReply(r.unique, 0, WriteOut(written), d.revoked(nodeid, m.first))
-
-
-async def _flush(d: HostDaemon, s: Session, r: FsRequest) -> FsReply:
-    d.fs.flush(s.guest_id, r.op.fh)
-    return FsReply(r.unique, 0, EmptyOut())
-
-
-async def _fsync(d: HostDaemon, s: Session, r: FsRequest) -> FsReply:
-    op = r.op
-    nodeid = d.fs.nodeid_of_handle(s.guest_id, op.fh)
-    mark = d.leases.flush_started(nodeid)
-    await asyncio.to_thread(d.fs.fsync(s.guest_id, op.fh, bool(op.fsync_flags & 1)))
-    d.flushed(nodeid, mark)
-    return FsReply(r.unique, 0, EmptyOut())
-
-
-async def _release(d: HostDaemon, s: Session, r: FsRequest) -> FsReply:
-    fh = r.op.fh
-    d.fs.release(s.guest_id, fh)
-    nodeid = s.write_handles.pop(fh, None)
-    if nodeid is not None:
-        d.leases.close_for_write(nodeid, s.guest_id)
-    return FsReply(r.unique, 0, EmptyOut())
-
-
-async def _readdir(d: HostDaemon, s: Session, r: FsRequest) -> FsReply:
-    op = r.op
-    entries = d.fs.readdir(s.guest_id, r.nodeid)
-    out, used = [], 0
-    for index, (name, ino, dtype) in enumerate(entries[op.offset:], start=op.offset + 1):
-        size = 24 + len(name) + (8 - len(name) % 8) % 8
-        if used + size > min(op.size, s.conn.max_frame - 64):
-            break
-        out.append(DirEntry(ino, index, dtype, name))
-        used += size
-    return FsReply(r.unique, 0, ReaddirOut(tuple(out)), d.lease_for(s, r.nodeid, is_dir=True))
-
-
-async def _mkdir(d: HostDaemon, s: Session, r: FsRequest) -> FsReply:
-    op = r.op
-    d.fs.getattr(s.guest_id, r.nodeid)
-    async with d.namespace_change(r.nodeid, op.name, s.guest_id):
-        nodeid, st = d.fs.mkdir(s.guest_id, r.nodeid, op.name, op.mode & ~op.umask)
-    return FsReply(r.unique, 0, d.entry_out(nodeid, st))
-
-
-async def _unlink(d: HostDaemon, s: Session, r: FsRequest) -> FsReply:
-    d.fs.getattr(s.guest_id, r.nodeid)
-    async with d.namespace_change(r.nodeid, r.op.name, s.guest_id):
-        d.fs.unlink(s.guest_id, r.nodeid, r.op.name)
-    return FsReply(r.unique, 0, EmptyOut())
-
-
-async def _rmdir(d: HostDaemon, s: Session, r: FsRequest) -> FsReply:
-    d.fs.getattr(s.guest_id, r.nodeid)
-    async with d.namespace_change(r.nodeid, r.op.name, s.guest_id):
-        d.fs.rmdir(s.guest_id, r.nodeid, r.op.name)
-    return FsReply(r.unique, 0, EmptyOut())
-
-
-async def _rename(d: HostDaemon, s: Session, r: FsRequest) -> FsReply:
-    op = r.op
-    d.fs.getattr(s.guest_id, r.nodeid)
-    d.fs.getattr(s.guest_id, op.newdir)
-    async with (d.namespace_change(r.nodeid, op.oldname, s.guest_id),
-                d.namespace_change(op.newdir, op.newname, s.guest_id)):
-        d.fs.rename(s.guest_id, r.nodeid, op.oldname, op.newdir, op.newname)
-    return FsReply(r.unique, 0, EmptyOut())
-
-
-HANDLERS = {
-    Opcode.LOOKUP: _lookup,
-    Opcode.FORGET: _forget,
-    Opcode.GETATTR: _getattr,
-    Opcode.SETATTR: _setattr,
-    Opcode.OPEN: _open,
-    Opcode.CREATE: _create,
-    Opcode.READ: _read,
-    Opcode.WRITE: _write,
-    Opcode.FLUSH: _flush,
-    Opcode.FSYNC: _fsync,
-    Opcode.RELEASE: _release,
-    Opcode.READDIR: _readdir,
-    Opcode.MKDIR: _mkdir,
-    Opcode.UNLINK: _unlink,
-    Opcode.RMDIR: _rmdir,
-    Opcode.RENAME: _rename,
-}

@@ -1,0 +1,22 @@
+"""Handlers of file data: READ (which may grant a lease) and WRITE (a modification)."""
+
+from __future__ import annotations
+
+from host.ops.common import Daemon, Session
+from protocol.messages import FsReply, FsRequest, ReadOut, WriteOut
+
+
+async def read(d: Daemon, s: Session, r: FsRequest) -> FsReply:
+    op = r.op
+    limit = s.conn.max_frame - 64  # room for the headers and the lease trailer
+    nodeid = d.fs.nodeid_of_handle(s.guest_id, op.fh)
+    data = d.fs.read(s.guest_id, op.fh, op.offset, min(op.size, limit))
+    return FsReply(r.unique, 0, ReadOut(data), d.lease_for(s, nodeid))
+
+
+async def write(d: Daemon, s: Session, r: FsRequest) -> FsReply:
+    op = r.op
+    nodeid = d.fs.nodeid_of_handle(s.guest_id, op.fh)
+    async with d.modification(nodeid, s.guest_id) as m:
+        written = d.fs.write(s.guest_id, op.fh, op.offset, op.data)
+    return FsReply(r.unique, 0, WriteOut(written), d.revoked(nodeid, m.first))

@@ -1,0 +1,103 @@
+"""Handlers of attributes and handles: GETATTR, SETATTR, OPEN, CREATE, FLUSH, FSYNC, RELEASE.
+
+A SETATTR, an OPEN with O_TRUNC and a CREATE that truncates are
+modifications: each runs inside `daemon.modification`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+
+from host.ops.common import Daemon, Session, is_dir
+from protocol.fuse import FATTR_ATIME, FATTR_FH, FATTR_MODE, FATTR_MTIME, FATTR_SIZE
+from protocol.messages import CreateOut, EmptyOut, FsReply, FsRequest, OpenOut
+
+
+async def get_attr(d: Daemon, s: Session, r: FsRequest) -> FsReply:
+    st = d.fs.getattr(s.guest_id, r.nodeid)
+    return FsReply(r.unique, 0, d.attr_out(st), d.lease_for(s, r.nodeid, is_dir=is_dir(st)))
+
+
+async def set_attr(d: Daemon, s: Session, r: FsRequest) -> FsReply:
+    op = r.op
+    before = d.fs.getattr(s.guest_id, r.nodeid)  # refuse unknown nodeids before recalling
+    async with d.modification(r.nodeid, s.guest_id, is_dir=is_dir(before)):
+        st = d.fs.setattr(
+            s.guest_id, r.nodeid,
+            size=op.size if op.valid & FATTR_SIZE else None,
+            mode=op.mode & 0o7777 if op.valid & FATTR_MODE else None,
+            atime_ns=op.atime * 1_000_000_000 + op.atimensec if op.valid & FATTR_ATIME else None,
+            mtime_ns=op.mtime * 1_000_000_000 + op.mtimensec if op.valid & FATTR_MTIME else None,
+            fh=op.fh if op.valid & FATTR_FH else None)
+    return FsReply(r.unique, 0, d.attr_out(st), d.revoked(r.nodeid))
+
+
+def _writes(flags: int) -> bool:
+    return (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
+
+
+async def open_file(d: Daemon, s: Session, r: FsRequest) -> FsReply:
+    flags = r.op.flags
+    st = d.fs.getattr(s.guest_id, r.nodeid)
+    if is_dir(st):
+        raise OSError(errno.EISDIR, "use READDIR on directories")
+    writing = _writes(flags)
+    if writing:
+        await d.open_for_write(r.nodeid, s.guest_id)
+    try:
+        if flags & os.O_TRUNC:
+            async with d.modification(r.nodeid, s.guest_id):
+                fh = d.fs.open(s.guest_id, r.nodeid, flags)
+        else:
+            fh = d.fs.open(s.guest_id, r.nodeid, flags)
+    except BaseException:
+        if writing:
+            d.leases.close_for_write(r.nodeid, s.guest_id)
+        raise
+    if writing:
+        s.write_handles[fh] = r.nodeid
+        lease = d.revoked(r.nodeid)
+    else:
+        lease = d.lease_for(s, r.nodeid)
+    return FsReply(r.unique, 0, OpenOut(fh), lease)
+
+
+async def create_file(d: Daemon, s: Session, r: FsRequest) -> FsReply:
+    op = r.op
+    d.fs.getattr(s.guest_id, r.nodeid)
+    async with d.namespace_change(r.nodeid, op.name, s.guest_id):
+        d.before_create(r.nodeid, op.name)
+        # O_TRUNC on an existing file is a modification: it must wait for the recall.
+        flags = op.flags & ~os.O_TRUNC
+        nodeid, st, fh = d.fs.create(s.guest_id, r.nodeid, op.name, flags, op.mode & ~op.umask)
+    await d.open_for_write(nodeid, s.guest_id)
+    s.write_handles[fh] = nodeid
+    if op.flags & os.O_TRUNC and st.st_size:
+        async with d.modification(nodeid, s.guest_id):
+            st = d.fs.setattr(s.guest_id, nodeid, size=0, fh=fh)
+    return FsReply(r.unique, 0, CreateOut(d.entry_out(nodeid, st), OpenOut(fh)), d.revoked(nodeid))
+
+
+async def flush(d: Daemon, s: Session, r: FsRequest) -> FsReply:
+    d.fs.flush(s.guest_id, r.op.fh)
+    return FsReply(r.unique, 0, EmptyOut())
+
+
+async def fsync(d: Daemon, s: Session, r: FsRequest) -> FsReply:
+    op = r.op
+    nodeid = d.fs.nodeid_of_handle(s.guest_id, op.fh)
+    mark = d.leases.flush_started(nodeid)
+    await asyncio.to_thread(d.fs.fsync(s.guest_id, op.fh, bool(op.fsync_flags & 1)))
+    d.flushed(nodeid, mark)
+    return FsReply(r.unique, 0, EmptyOut())
+
+
+async def release(d: Daemon, s: Session, r: FsRequest) -> FsReply:
+    fh = r.op.fh
+    d.fs.release(s.guest_id, fh)
+    nodeid = s.write_handles.pop(fh, None)
+    if nodeid is not None:
+        d.leases.close_for_write(nodeid, s.guest_id)
+    return FsReply(r.unique, 0, EmptyOut())

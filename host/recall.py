@@ -1,0 +1,123 @@
+"""Carrying out a recall: invalidate every holder, then wait for each ACK or fence.
+
+The lease table (host/leases.py) decides *whom* to recall; this module does
+it, over the sessions: one INVALIDATE or INVAL_ENTRY to each holder that is
+connected, then a concurrent wait for each of them, so that however many are
+silent the wait is at most ack timeout + term (+ the clock margin).  It also
+keeps the holders whose connection was lost (`departed`): a lost connection
+is not an ACK, since a guest that mounted the export may still serve its
+kernel's pages, so such a holder is waited for until its term has surely run
+out, and only then forgotten.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from host.leases import LeaseTable, Recall
+from host.session import HostConfig, HostStats, Session
+from protocol.errors import ProtocolError
+from protocol.messages import Invalidate
+
+log = logging.getLogger("cleanlease.host")
+
+
+class Recaller:
+    """Recalls over `sessions` (the daemon's, by guest id, those still connected)."""
+
+    def __init__(self, config: HostConfig, stats: HostStats, leases: LeaseTable,
+                 sessions: dict[int, Session], forget_guest: Callable[[int], None]):
+        self.config = config
+        self.stats = stats
+        self.leases = leases
+        self.sessions = sessions
+        self.forget_guest = forget_guest  # a guest's term ran out: drop what it held
+        self.departed: dict[int, Session] = {}  # lost connections whose term runs on
+        self._next_seq = 1
+
+    def connection_lost(self, session: Session) -> None:
+        """`session` (no longer in `sessions`) lost its connection.  If it may
+        still serve a lease, it stays a silent holder until its term has surely
+        run out; its node ids stay known meanwhile (a lease is kept by node id,
+        and a writer looking the file up again must find the same one)."""
+        remaining = session.lease_expiry() - time.monotonic()
+        if session.fenced or remaining <= 0 or not self.leases.holds_any(session.guest_id):
+            self.forget_guest(session.guest_id)
+            return
+        self.departed[session.guest_id] = session
+        asyncio.get_running_loop().call_later(remaining, self._term_ran_out, session)
+
+    def _term_ran_out(self, session: Session) -> None:
+        if self.departed.pop(session.guest_id, None) is session:
+            self.forget_guest(session.guest_id)
+
+    async def carry_out(self, recall: Recall, make) -> None:
+        """Send one invalidation to each holder and wait for every ACK or fence.
+
+        Invariant 2: this returns only when no holder can still serve the old
+        data: it ACKed, or its term has surely run out (it was fenced, or its
+        connection was lost that long ago).  The holders are waited for
+        concurrently, so the wait is at most ack timeout + term (+ the clock
+        margin) however many of them are silent (invariant 3).
+        """
+        started = time.monotonic_ns()
+        self.stats.recalls += 1
+        try:
+            waits = []
+            for guest in recall.holders:
+                session = self.sessions.get(guest)
+                if session is not None and not session.closed and not session.fenced:
+                    waits.append(self._await_ack(session, self._send_invalidation(session, make)))
+                elif (departed := self.departed.get(guest)) is not None:
+                    self.stats.departed_waits += 1
+                    waits.append(self._await_term_end(departed))
+            await asyncio.gather(*waits)
+        finally:
+            waited = time.monotonic_ns() - started
+            self.stats.recall_wait_max_ns = max(self.stats.recall_wait_max_ns, waited)
+
+    def _send_invalidation(self, session: Session, make) -> asyncio.Future:
+        """Send `make(seq)` to `session`; returns the future of its ACK.  If it
+        cannot be sent, the connection is closed: a lost one, never ACKed."""
+        seq = self._next_seq
+        self._next_seq += 1
+        message = make(seq)
+        ack = asyncio.get_running_loop().create_future()
+        session.acks[seq] = ack  # from now on no reply renews this guest's term
+        try:
+            session.send(message)
+        except ProtocolError:
+            session.transport.abort()
+        if isinstance(message, Invalidate):
+            self.stats.invalidations_sent += 1
+        else:
+            self.stats.inval_entries_sent += 1
+        return ack
+
+    async def _await_ack(self, session: Session, ack: asyncio.Future) -> None:
+        """Wait for one holder's ACK: up to the ack timeout, or up to the end of
+        its term if that is later.  A holder that has not ACKed by then is
+        fenced: its term has surely run out, so it serves nothing any more.
+        A lost connection is not an ACK: its future is never resolved."""
+        # Its term stands still from the moment the invalidation was sent
+        # (Session.renews), so this limit cannot move however busy it is.
+        limit = max(self.config.ack_timeout_ms / 1000.0, session.lease_expiry() - time.monotonic())
+        try:
+            await asyncio.wait_for(asyncio.shield(ack), limit)
+            return
+        except asyncio.TimeoutError:
+            pass
+        log.warning("guest %s (%d) did not ACK; fenced after its lease term", session.name,
+                    session.guest_id)
+        session.fenced = True
+        self.stats.fenced += 1
+        self.leases.drop_holder(session.guest_id)
+
+    async def _await_term_end(self, session: Session) -> None:
+        """A holder whose connection was lost: wait until its term has surely run out."""
+        remaining = session.lease_expiry() - time.monotonic()
+        if remaining > 0:
+            await asyncio.sleep(remaining)

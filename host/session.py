@@ -1,0 +1,123 @@
+"""One guest's session as the daemon sees it, and the daemon's configuration and counters.
+
+A `Session` exists from the moment a connection is accepted; it serves file
+requests once its handshake (HELLO, and AUTH where a token is set) is over.
+It knows its own liveness: from when its term was last renewed, and so until
+when it may still serve from its cache (`lease_expiry`), and whether a reply
+may renew it now (`renews`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+from host.leases import term_end
+from protocol import wire
+from protocol.connection import Connection, Role, State
+from protocol.messages import Policy
+
+
+@dataclass
+class HostConfig:
+    export: str
+    policy: Policy = Policy.CLEAN_LEASE
+    lease_term_ms: int = 2000
+    ack_timeout_ms: int = 500
+    clean_after_ms: int = 20
+    ttl_ms: int = 1000
+    max_frame: int = wire.DEFAULT_MAX_FRAME
+    max_in_flight: int = 256
+    max_sessions: int = 64
+    max_handles_per_guest: int = 1024
+    # With a token, every connection must prove it knows it (protocol/auth.py)
+    # before anything else is served.
+    token: bytes | None = None
+    # A connection that has not finished HELLO (and AUTH) by then is closed, so
+    # that silent or slow peers cannot hold sockets; at most max_sessions may
+    # be that far at once.
+    handshake_timeout_ms: int = 5000
+
+
+@dataclass
+class HostStats:
+    sessions: int = 0
+    auth_failures: int = 0
+    handshakes_refused: int = 0  # too many at once, or not finished in time
+    requests: int = 0
+    errors: int = 0
+    protocol_errors: int = 0
+    invalidations_sent: int = 0
+    inval_entries_sent: int = 0
+    acks: int = 0
+    recalls: int = 0
+    fenced: int = 0
+    flushes: int = 0
+    rearms: int = 0
+    rearm_refused: int = 0
+    bytes_to_guests: int = 0
+    host_local_events: int = 0
+    recall_wait_max_ns: int = 0  # the longest a recall has taken (there were `recalls`)
+    # Holders whose connection was lost while they held a lease: a recall
+    # waited for their term to run out (a mount's kernel keeps its pages).
+    departed_waits: int = 0
+    renewals_withheld: int = 0  # replies sent with LEASE_NOT_RENEWED (an ACK was owed)
+
+    def as_dict(self) -> dict:
+        d = dict(self.__dict__)
+        del d["recall_wait_max_ns"]
+        d["recall_wait_ns"] = {"count": self.recalls, "max": self.recall_wait_max_ns}
+        return d
+
+
+class Session:
+    """One connected guest: its connection, its handles' write modes, its liveness."""
+
+    def __init__(self, config: HostConfig, stats: HostStats, transport: asyncio.Transport):
+        self.config = config
+        self.stats = stats
+        self.transport = transport
+        self.conn = Connection(Role.HOST, max_frame=config.max_frame,
+                               max_in_flight=config.max_in_flight)
+        self.guest_id = 0
+        self.name = "?"
+        self.client_id = bytes(16)
+        self.last_seen = time.monotonic()
+        # The latest instant from which the host renewed this guest's term: the
+        # arrival of a request (or HEARTBEAT) whose reply renewed it.  No reply
+        # renews while an invalidation is owed (`acks`), so while the host waits
+        # for an ACK, this, and the instant it may fence at, stand still.
+        self.renewed_at = self.last_seen
+        self.fenced = False
+        self.closed = False
+        self.write_handles: dict[int, int] = {}  # fh -> nodeid, for open-lease
+        self.acks: dict[int, asyncio.Future] = {}
+        self.host_nonce = b""  # the AUTH challenge sent in the HELLO reply
+        self.handshake_timer: asyncio.TimerHandle | None = None
+
+    def send(self, message) -> None:
+        """Write `message`; dropped if the connection has failed or is closing (the
+        guest is gone, or about to be: nothing it could still use is lost)."""
+        if self.closed or self.transport.is_closing() or self.conn.state in (State.ERROR,
+                                                                              State.CLOSED):
+            return
+        data = self.conn.send(message)
+        self.stats.bytes_to_guests += len(data)
+        self.transport.write(data)
+
+    def lease_expiry(self) -> float:
+        """The instant after which this guest surely serves nothing from its cache,
+        clock margins included (host/leases.py, `term_end`)."""
+        return term_end(self.renewed_at, self.config.lease_term_ms / 1000.0)
+
+    def renews(self, received_at: float) -> bool:
+        """May a reply to a frame received at `received_at` renew this guest's term?
+
+        Not while an invalidation sent to it is unACKed, nor once it is fenced.
+        When it may, the term is counted from `received_at` from now on."""
+        if self.fenced or self.acks:
+            return False
+        if received_at > self.renewed_at:
+            self.renewed_at = received_at
+        return True
