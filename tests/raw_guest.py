@@ -133,6 +133,12 @@ class RawGuest(asyncio.Protocol):
         assert reply.error == 0, reply
         return reply
 
+    async def lease(self, name: str) -> tuple[int, int]:
+        """Open `name` and read it until this guest holds a lease on it: (nodeid, fh)."""
+        nodeid, fh = await self.open(name)
+        assert (await self.read(nodeid, fh)).lease.granted, f"{self.name}: no lease on {name}"
+        return nodeid, fh
+
     async def getattr(self, nodeid: int) -> FsReply:
         return await self.call(nodeid, Getattr())
 

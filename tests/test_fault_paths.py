@@ -59,8 +59,7 @@ async def test_a_write_failing_after_its_recall_publishes_the_generation_and_cle
     _, address = _host(start_host, export)
     holder = await RawGuest.connect(address, "holder")
     writer = await RawGuest.connect(address, "writer")
-    h_node, h_fh = await holder.open("f")
-    assert (await holder.read(h_node, h_fh)).lease.granted
+    h_node, h_fh = await holder.lease("f")
     w_node, w_fh = await writer.open("f", os.O_RDWR)
     failing = writer.send(w_node, Write(w_fh, 1 << 50, b"x"))  # EFBIG, after the recall
     recall = await holder.next_invalidation()
@@ -107,8 +106,7 @@ async def test_a_fenced_session_learns_it_from_its_heartbeat(export, start_host)
     _, address = _host(start_host, export)
     silent = await RawGuest.connect(address, "silent")
     writer = await RawGuest.connect(address, "writer")
-    x_node, x_fh = await silent.open("x")
-    assert (await silent.read(x_node, x_fh)).lease.granted
+    x_node, x_fh = await silent.lease("x")
     w_node, w_fh = await writer.open("x", os.O_RDWR)
     write = writer.send(w_node, Write(w_fh, 0, b"X"))
     await silent.next_invalidation()  # ... and never ACKed
@@ -190,8 +188,7 @@ async def test_many_holders_that_heartbeat_but_never_ack_hold_a_write_one_term(
     _, address = _host(start_host, export)
     holders = [await RawGuest.connect(address, f"silent{i}") for i in range(12)]
     for guest in holders:
-        node, fh = await guest.open("f")
-        assert (await guest.read(node, fh)).lease.granted
+        await guest.lease("f")
 
     async def heartbeat_until(done: asyncio.Event, guest: RawGuest):
         while not done.is_set():
