@@ -291,6 +291,10 @@ async def test_a_refused_first_arm_keeps_the_inode_unseen_and_the_next_arm_check
             "the refused arm forgot that the inode may have been written unseen"
         await send("release")
         assert (await line()).startswith("returned")
+        # Let it exit: a thread between its pwrite and its next call may still be
+        # on a CPU, which the detector (rightly) counts as maybe still writing.
+        await send("exit")
+        await writer.wait()
         daemon._arm(nodeid)
         assert checks, "the arm after the write returned did not check the page cache"
         # Its result decides: W's bytes are dirty in the page cache unless
