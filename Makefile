@@ -19,6 +19,7 @@ demo: $(STAMP)
 # if any seed breaks a promise.
 chaos: $(STAMP)
 	$(BIN)/python -m workload.chaos --seeds 1,2,3 --duration 20
+	$(BIN)/cleanlease chaos-mount --seeds 1,2,3 --duration 20
 
 results: $(STAMP)
 	$(BIN)/cleanlease results

@@ -173,6 +173,18 @@ def build_parser() -> argparse.ArgumentParser:
                             "restart runs the token exchange again, and the fuzzer is a peer "
                             "without the token")
     chaos.set_defaults(func=_chaos)
+    from workload import chaos_mount
+
+    cmount = sub.add_parser("chaos-mount", help="seeded faults against mounted guests and "
+                                                 "applications reading through them",
+                            description="Run a host, mounted guests and applications that read "
+                                        "through the mounts with pread(2) and mappings, and "
+                                        "write; cut, stop and kill mount guests at seeded "
+                                        "instants; report stale reads, lost writes and the "
+                                        "worst writer stall. Exits 1 if any promise broke "
+                                        "(workload/chaos_mount.py).")
+    chaos_mount.add_arguments(cmount)
+    cmount.set_defaults(func=chaos_mount.run)
 
     res = sub.add_parser("results", help="regenerate docs/results.md (all workloads x policies)",
                          description="Run every workload under every policy and write the "
