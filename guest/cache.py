@@ -300,6 +300,12 @@ class GuestCache:
         self.drop_pages(nodeid)
         self._attrs.pop(nodeid, None)
 
+    def new_host(self) -> None:
+        """The host restarted (a new boot id): its generations start again, so
+        those seen from the old one mean nothing.  Call after `clear`."""
+        self._seen_generation.clear()
+        self._entry_epoch.clear()
+
     def clear(self) -> None:
         """Drop every cache (the host restarted, or this guest was fenced)."""
         self._pages.clear()

@@ -82,15 +82,17 @@ class AuthenticationFailed(ConnectionError):
 class FileHandle:
     """An open file.  `nodeid` and `fh` change when the client re-opens it on a new session.
 
-    `ino` is the host inode number it was opened on: a re-open that finds
-    another inode under `path` (the file was replaced meanwhile) makes the
-    handle `stale`, and every later use fails with ESTALE."""
+    `inode` is the host inode it was opened on, (inode number, generation)
+    as LOOKUP replies name it: a re-open that finds another inode under
+    `path` (the file was replaced meanwhile, even by one that got the same
+    inode number) makes the handle `stale`, and every later use fails with
+    ESTALE."""
 
     path: str
     nodeid: int
     fh: int
     flags: int
-    ino: int = 0
+    inode: tuple[int, int] = (0, 0)
     closed: bool = False
     stale: bool = False
 
@@ -212,7 +214,7 @@ class GuestClient:
         # Who we are to the host across reconnections (HELLO): it answers a
         # retried WRITE or truncate from its reply cache instead of repeating it.
         self.client_id = os.urandom(wire.CLIENT_ID_SIZE)
-        self._host_ino: dict[int, int] = {}  # nodeid -> host st_ino, this session
+        self._host_ino: dict[int, tuple[int, int]] = {}  # nodeid -> (ino, generation), this session
         self._next_heartbeat = 1
         self._heartbeat_task: asyncio.Task | None = None
         self._reconnect_task: asyncio.Task | None = None
@@ -282,6 +284,8 @@ class GuestClient:
         else:
             # A new session holds no leases, whatever the boot id says.
             self.cache.clear()
+            if self.boot_ids[-2:-1] != [reply.boot_id]:
+                self.cache.new_host()
         self._host_ino.clear()  # node ids belong to a session
         if self.heartbeat and self.cache.uses_leases:
             self._heartbeat_task = asyncio.ensure_future(self._heartbeats(session))
@@ -410,7 +414,7 @@ class GuestClient:
             flags = handle.flags & ~(os.O_TRUNC | os.O_CREAT | os.O_EXCL)
             try:
                 nodeid = await self.resolve(handle.path)
-                if self._host_ino.get(nodeid) != handle.ino:
+                if self._host_ino.get(nodeid) != handle.inode:
                     raise HostError(errno.ESTALE, "another file")
                 reply = await self.request(nodeid, Open(flags))
             except HostError:
@@ -604,7 +608,7 @@ class GuestClient:
         epoch = self.cache.entry_epoch(parent)
         reply = await self.request(parent, Lookup(name))
         entry = reply.body
-        self._host_ino[entry.nodeid] = entry.attr.ino
+        self._host_ino[entry.nodeid] = (entry.attr.ino, entry.generation)
         if self.cache.accept_grant(reply.lease):
             self.cache.store_attr(entry.nodeid, entry.attr)
         # entry_valid 0: the host is changing a name in `parent` right now.
@@ -675,7 +679,7 @@ class GuestClient:
             self.cache.revalidate_at_open(nodeid, attr or await self._getattr(nodeid))
         reply = await self.request(nodeid, Open(flags))
         self._take_reply_lease(nodeid, reply, modifies=bool(writing))
-        return FileHandle(path, nodeid, reply.body.fh, flags, self._host_ino.get(nodeid, 0))
+        return FileHandle(path, nodeid, reply.body.fh, flags, self._host_ino.get(nodeid, (0, 0)))
 
     async def create(self, path: str, flags: int = os.O_RDWR, mode: int = 0o644) -> FileHandle:
         """Create (or open) `path`.  Not retried after a lost session: it raises SessionLost."""
@@ -687,8 +691,8 @@ class GuestClient:
         self.cache.invalidate_entry(parent, name)
         self.cache.forget_own_copy(entry.nodeid)
         self._take_reply_lease(entry.nodeid, reply, modifies=True)
-        self._host_ino[entry.nodeid] = entry.attr.ino
-        handle = FileHandle(path, entry.nodeid, opened.fh, flags, entry.attr.ino)
+        inode = self._host_ino[entry.nodeid] = (entry.attr.ino, entry.generation)
+        handle = FileHandle(path, entry.nodeid, opened.fh, flags, inode)
         self._files.add(handle)
         return handle
 
@@ -768,6 +772,8 @@ class GuestClient:
         if handle.closed:
             return
         handle.closed = True
+        if handle.stale:
+            return  # its ids belong to a session that is gone: nothing to release
         try:
             await self.request(handle.nodeid, Release(handle.fh, handle.flags))
         except SessionLost:

@@ -191,9 +191,13 @@ class ExportFS:
         *,
         max_handles_per_owner: int = 1024,
         max_io_size: int = 1 << 20,
+        on_forget: Callable[[int], None] | None = None,
     ) -> None:
         self._writable: dict[int, int] = {}
-        self._store = InodeStore(root_path, on_drop=self._close_writable)
+        # Called with a nodeid once no owner holds it and no handle pins it: it
+        # is gone for good (a later lookup of the same file gets a new one).
+        self._on_forget = on_forget
+        self._store = InodeStore(root_path, on_drop=self._dropped)
         self._handles: dict[int, _Handle] = {}
         self._owner_handles: dict[int, set[int]] = {}
         self._next_fh = 1
@@ -666,10 +670,12 @@ class ExportFS:
         finally:
             self._store.unpin(handle.nodeid)
 
-    def _close_writable(self, nodeid: int) -> None:
+    def _dropped(self, nodeid: int) -> None:
         fd = self._writable.pop(nodeid, None)
         if fd is not None:
             os.close(fd)
+        if self._on_forget is not None:
+            self._on_forget(nodeid)
 
 
 def _sync_call(fd: int, datasync: bool) -> Callable[[], None]:

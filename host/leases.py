@@ -109,6 +109,9 @@ class InodeLeases:
     after_recall: InodeState = InodeState.DIRTY
     # Directories: namespace changes begun and not landed yet.
     names_changing: int = 0
+    # Its node id is gone (forget_inode) but something kept the entry: it goes
+    # as soon as that is over.
+    gone: bool = False
 
 
 HOST_LOCAL = -1  # the "guest id" of writers that do not come through the daemon
@@ -382,6 +385,9 @@ class LeaseTable:
                 leases.holders.discard(guest)
                 held.append(ino)
             leases.writers.pop(guest, None)
+        for ino in held:
+            if self._inodes[ino].gone:
+                self.forget_inode(ino)
         return held
 
     def drop_writer(self, guest: int) -> None:
@@ -389,14 +395,29 @@ class LeaseTable:
         for leases in self._inodes.values():
             leases.writers.pop(guest, None)
 
-    def holds_any(self, guest: int) -> bool:
-        """Whether `guest` holds a lease on anything."""
-        return any(guest in leases.holders for leases in self._inodes.values())
-
     def leased_inodes(self) -> list[int]:
         """Inodes some guest holds a lease on."""
         return [ino for ino, leases in self._inodes.items() if leases.holders]
 
     def forget_inode(self, ino: int) -> None:
-        """The inode is gone (unlinked and unreferenced)."""
-        self._inodes.pop(ino, None)
+        """The node id is gone: no guest references it any more.  Its entry goes,
+        unless something is still under way on it (a recall, a namespace change)
+        or a guest still holds it (one whose connection was lost, until its
+        term ends: `drop_holder` then finishes the job)."""
+        leases = self._inodes.get(ino)
+        if leases is None:
+            return
+        if leases.holders:
+            leases.gone = True
+            return
+        if leases.state is InodeState.RECALLING or leases.names_changing:
+            return  # (not reachable while its writer holds the node id)
+        del self._inodes[ino]
+
+    def drop_holder_of(self, ino: int, guest: int) -> None:
+        """`guest` forgot node id `ino` (FORGET to zero): it caches nothing of it."""
+        leases = self._inodes.get(ino)
+        if leases is not None:
+            leases.holders.discard(guest)
+            if leases.gone:
+                self.forget_inode(ino)

@@ -39,12 +39,14 @@ class Recaller:
         self._next_seq = 1
 
     def connection_lost(self, session: Session) -> None:
-        """`session` (no longer in `sessions`) lost its connection.  If it may
-        still serve a lease, it stays a silent holder until its term has surely
-        run out; its node ids stay known meanwhile (a lease is kept by node id,
-        and a writer looking the file up again must find the same one)."""
+        """`session` (no longer in `sessions`) lost its connection.  Unless its term
+        is over, it stays a silent holder until its term has surely run out: of
+        what it holds, and of what a recall decided a moment ago, whose
+        invalidations are not sent yet (so "holds nothing now" is no reason to
+        forget it).  Its node ids stay known meanwhile (a lease is kept by node
+        id, and a writer looking the file up again must find the same one)."""
         remaining = session.lease_expiry() - time.monotonic()
-        if session.fenced or remaining <= 0 or not self.leases.holds_any(session.guest_id):
+        if session.fenced or remaining <= 0:
             self.forget_guest(session.guest_id)
             return
         self.departed[session.guest_id] = session

@@ -8,11 +8,14 @@ with a `client_id` it keeps across reconnections, retries with the same
 `unique`, and the daemon answers a (client_id, unique) it has seen from here:
 with the reply of the first attempt, once that attempt has finished.
 
-Kept per client, the last `per_client` requests (a guest cannot have more
-outstanding than its connection's `max_in_flight`, so a retried request is
-always among them), for at most `clients` clients (least recently used go
-first).  Only for this boot of the daemon: after a restart the guest sees a
-new boot id and fails such a retry instead (guest/client.py).
+Kept: the last `per_client` requests of each client (a guest cannot have
+more outstanding than its connection's `max_in_flight`, so a retried request
+is always among them), and at most `total` in all, the oldest going first
+whoever sent them.  So a retry is carried out at most once unless more than
+`total` (65,536 by default) non-idempotent requests arrive from others between
+the lost reply and the retry.  Only for this boot of the daemon: after a
+restart the guest sees a new boot id and fails such a retry instead
+(guest/client.py).
 """
 
 from __future__ import annotations
@@ -39,34 +42,52 @@ def needs_reply_cache(request: FsRequest) -> bool:
 class ReplyCache:
     """(client_id, unique) -> the future of the first attempt's reply."""
 
-    def __init__(self, per_client: int, clients: int):
+    def __init__(self, per_client: int, total: int = 65536):
         self.per_client = per_client
-        self.clients = clients
-        self._by_client: OrderedDict[bytes, OrderedDict[int, asyncio.Future]] = OrderedDict()
+        self.total = total
+        self._replies: OrderedDict[tuple[bytes, int], asyncio.Future] = OrderedDict()
+        self._per_client: dict[bytes, int] = {}
         self.answered = 0  # retries answered from here
 
     def first_attempt(self, client_id: bytes, unique: int) -> asyncio.Future | None:
         """The future of an earlier attempt of this request, or None: then this is
-        the first, and the caller must `record` it and resolve what it returns."""
-        replies = self._by_client.get(client_id)
-        if replies is None:
-            return None
-        self._by_client.move_to_end(client_id)
-        earlier = replies.get(unique)
+        the first, and the caller must `record` it and resolve what it returns
+        (with the reply, or with None if it was not carried out after all)."""
+        earlier = self._replies.get((client_id, unique))
         if earlier is not None:
             self.answered += 1
         return earlier
 
+    def forget(self, client_id: bytes, unique: int) -> None:
+        """The attempt recorded for (client_id, unique) was not carried out."""
+        if self._replies.pop((client_id, unique), None) is not None:
+            self._uncount(client_id)
+
     def record(self, client_id: bytes, unique: int) -> asyncio.Future:
         """Register the first attempt; resolve the returned future with its reply."""
-        replies = self._by_client.get(client_id)
-        if replies is None:
-            replies = self._by_client[client_id] = OrderedDict()
-            while len(self._by_client) > self.clients:
-                self._by_client.popitem(last=False)
-        self._by_client.move_to_end(client_id)
         future = asyncio.get_running_loop().create_future()
-        replies[unique] = future
-        while len(replies) > self.per_client:
-            replies.popitem(last=False)
+        self._replies[(client_id, unique)] = future
+        count = self._per_client[client_id] = self._per_client.get(client_id, 0) + 1
+        if count > self.per_client:
+            self._drop_oldest_of(client_id)
+        while len(self._replies) > self.total:
+            (oldest_client, _), _ = self._replies.popitem(last=False)
+            self._uncount(oldest_client)
         return future
+
+    def __len__(self) -> int:
+        return len(self._replies)
+
+    def _drop_oldest_of(self, client_id: bytes) -> None:
+        for key in self._replies:  # oldest first (a linear scan at worst: fine at these sizes)
+            if key[0] == client_id:
+                del self._replies[key]
+                self._uncount(client_id)
+                return
+
+    def _uncount(self, client_id: bytes) -> None:
+        count = self._per_client[client_id] - 1
+        if count:
+            self._per_client[client_id] = count
+        else:
+            del self._per_client[client_id]

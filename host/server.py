@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import errno
+import functools
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-from host import cachestat, replies
+from host import cachestat, replies, statx
 from host.backend import ExportFS
 from host.detectors import Detector as HostDetector
 from host.detectors import NullDetector
@@ -112,18 +113,18 @@ class HostDaemon:
 
     def __init__(self, config: HostConfig, detector: HostDetector | None = None):
         self.config = config
-        self.fs = ExportFS(config.export, max_handles_per_owner=config.max_handles_per_guest)
         self.detector = detector or NullDetector()
         self.leases = LeaseTable(config.policy, needs_arming=self.detector.needs_arming)
+        self.fs = ExportFS(config.export, max_handles_per_owner=config.max_handles_per_guest,
+                           on_forget=self.leases.forget_inode)
         self.boot_id = os.urandom(16)
         self.sessions: dict[int, Session] = {}  # only those that finished the handshake
         self._handshaking: set[Session] = set()
         self.stats = HostStats()
         self._next_guest_id = 1
-        self._recall_done: dict[int, asyncio.Future] = {}
+        self._recall_over: dict[int, asyncio.Future] = {}  # inode -> its recall has ended
         self.recaller = Recaller(config, self.stats, self.leases, self.sessions, self._forget_guest)
-        self.replies = replies.ReplyCache(per_client=config.max_in_flight,
-                                          clients=4 * config.max_sessions)
+        self.replies = replies.ReplyCache(per_client=config.max_in_flight)
         self._flush_timers: dict[int, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task] = set()
         self._server: asyncio.AbstractServer | None = None
@@ -260,7 +261,7 @@ class HostDaemon:
                 try:
                     event = conn.next_event()
                 except UnsupportedOpcode as exc:
-                    session.send(FsReply(exc.unique, -errno.ENOSYS))
+                    self._reply(session, FsReply(exc.unique, -errno.ENOSYS), session.last_seen)
                     continue
                 if event is NEED_DATA:
                     return
@@ -302,10 +303,12 @@ class HostDaemon:
             error = 0
         session.send(HeartbeatReply(heartbeat.seq, error))
 
-    def _spawn(self, coro) -> None:
+    def _spawn(self, coro) -> asyncio.Task:
+        """Run `coro` as the daemon's task (cancelled by `close`)."""
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     def session_lost(self, session: Session) -> None:
         """A guest's connection went away: its handles go at once, its leases only
@@ -333,31 +336,50 @@ class HostDaemon:
             reply = await self._at_most_once(session, request)
         else:
             reply = await self._carry_out(session, request)
-        if reply is not None and not session.renews(received_at):
+        if reply is not None:
+            self._reply(session, reply, received_at)
+
+    def _reply(self, session: Session, reply: FsReply, received_at: float) -> None:
+        """Send `reply` to a request received at `received_at`, marked
+        LEASE_NOT_RENEWED unless it may renew the guest's term (`Session.renews`)."""
+        withheld = not session.renews(received_at)
+        if withheld:
             self.stats.renewals_withheld += 1
             reply = dataclasses.replace(reply, lease=dataclasses.replace(
                 reply.lease, flags=reply.lease.flags | LEASE_NOT_RENEWED))
-        if reply is not None and not session.closed:
-            try:
-                session.send(reply)
-            except ProtocolError as exc:  # e.g. a reply larger than the frame maximum
-                log.error("guest %d: cannot send reply: %s", session.guest_id, exc)
-                session.send(FsReply(request.unique, -errno.EIO))
+        if session.closed:
+            return
+        try:
+            session.send(reply)
+        except ProtocolError as exc:  # e.g. a reply larger than the frame maximum
+            log.error("guest %d: cannot send reply: %s", session.guest_id, exc)
+            session.send(FsReply(reply.unique, -errno.EIO, lease=LeaseGrant(
+                flags=LEASE_NOT_RENEWED if withheld else 0)))
 
     async def _at_most_once(self, session: Session, request: FsRequest) -> FsReply:
         """Carry out a non-idempotent request once per (client id, unique): a
         retry after a reconnect gets the first attempt's reply, waiting for it
         if that attempt is still under way (host/replies.py)."""
-        earlier = self.replies.first_attempt(session.client_id, request.unique)
-        if earlier is not None:
-            return await asyncio.shield(earlier)
-        first = self.replies.record(session.client_id, request.unique)
-        reply = FsReply(request.unique, -errno.EIO)  # should this attempt be cancelled
+        cache, client, unique = self.replies, session.client_id, request.unique
+        while (earlier := cache.first_attempt(client, unique)) is not None:
+            reply = await asyncio.shield(earlier)
+            if reply is not None:
+                return reply
+            # That attempt was not carried out: this one is the first now.
+        first = cache.record(client, unique)
+        reply = None
         try:
             reply = await self._carry_out(session, request)
             return reply
         finally:
-            first.set_result(reply)
+            if reply is None or (reply.error and session.closed):
+                # Cancelled, or failed on a session that was lost meanwhile (its
+                # handles closed under it: EBADF, ESTALE): not carried out, so
+                # a retry must carry it out, not learn that error.
+                cache.forget(client, unique)
+                first.set_result(None)
+            else:
+                first.set_result(reply)
 
     async def _carry_out(self, session: Session, request: FsRequest) -> FsReply | None:
         """Run the request's handler; an errno (or a bug) becomes an error reply."""
@@ -423,9 +445,16 @@ class HostDaemon:
     def entry_out(self, nodeid: int, st: os.stat_result, *, cacheable: bool = True) -> EntryOut:
         """The entry of a LOOKUP (or CREATE, MKDIR) reply.  With `cacheable`
         false its entry validity is 0: a guest (the kernel of a mount, or the
-        library client) must not cache the name."""
+        library client) must not cache the name.  Its `generation` is the
+        inode's birth time (host/statx.py): with the inode number it names
+        the file, since ext4 gives a freed inode number to the next file."""
         valid = self._validity_s()
-        return EntryOut(nodeid, 0, valid if cacheable else 0, valid, 0, 0, Attr.from_stat(st))
+        try:
+            generation = statx.birth_time_ns(self.fs.inodes.host_fd(nodeid))
+        except OSError:
+            generation = 0
+        return EntryOut(nodeid, generation, valid if cacheable else 0, valid, 0, 0,
+                        Attr.from_stat(st))
 
     def attr_out(self, st: os.stat_result) -> AttrOut:
         return AttrOut(self._validity_s(), 0, Attr.from_stat(st))
@@ -497,29 +526,38 @@ class HostDaemon:
     async def _recall_for(self, nodeid: int, decide) -> bool:
         """Ask the lease table (`decide()`) until no recall of `nodeid` is in progress,
         and carry out the Recall it answers, if any.  True if there was one: then
-        every other copy of `nodeid` is gone (invariant 2).
+        every other copy of `nodeid` is gone (invariant 2), and the caller must
+        land its modification in this same step (no await in between).
 
-        The recall runs as the daemon's own task, not the caller's: a caller
-        cancelled while it waits does not cut a recall short (that would leave
-        the inode DIRTY with a holder that never purged, so that later writes
-        would send it nothing)."""
+        The recall ends (`recall_finished`) in the caller's own step, right
+        before the modification lands: ended any earlier, in the recall's task,
+        a reply or a re-arm could slip in between and grant a lease on the old
+        data that nobody would recall.  The invalidations and waits run as the
+        daemon's own task: a caller cancelled while it waits does not cut them
+        short; the recall then ends when they do, and, since the daemon cannot
+        know what the caller did, counts as a modification (a flush follows)."""
         while (decision := decide()) is WAIT:
-            await asyncio.shield(self._recall_done[nodeid])
+            await asyncio.shield(self._recall_over[nodeid])
         if not isinstance(decision, Recall):
             return False
-        recall = asyncio.ensure_future(self._recall(decision))
-        self._recall_done[nodeid] = recall  # before any await: a second writer WAITs on it
-        await asyncio.shield(recall)
-        return True
+        over = self._recall_over[nodeid] = asyncio.get_running_loop().create_future()
+        waits = self._spawn(self.recaller.carry_out(decision, lambda seq: Invalidate(
+            seq, decision.ino, 0, 0, decision.generation)))
 
-    async def _recall(self, recall: Recall) -> None:
-        """Carry out `recall` of an inode's data; then the modification may land."""
+        def end(cancelled: bool) -> None:
+            self._recall_over.pop(nodeid, None)
+            self.leases.recall_finished(nodeid)
+            if cancelled:
+                self.modified(nodeid)
+            over.set_result(None)  # the writers WAITing behind it ask again
+
         try:
-            await self.recaller.carry_out(recall, lambda seq: Invalidate(
-                seq, recall.ino, 0, 0, recall.generation))
-        finally:
-            self.leases.recall_finished(recall.ino)
-            self._recall_done.pop(recall.ino, None)
+            await asyncio.shield(waits)
+        except BaseException:
+            waits.add_done_callback(lambda _: end(cancelled=True))
+            raise
+        end(cancelled=False)
+        return True
 
     def before_create(self, parent: int, name: bytes) -> None:
         """CREATE may open an existing file for write: under open-lease, drop the
@@ -535,24 +573,34 @@ class HostDaemon:
             self.detector.disarm(nodeid)
 
     @asynccontextmanager
-    async def namespace_change(self, directory: int, name: bytes, writer: int):
-        """`async with d.namespace_change(directory, name, writer):` change one name.
+    async def namespace_change(self, writer: int, *names: tuple[int, bytes]):
+        """`async with d.namespace_change(writer, (directory, name), ...):` change
+        names (one, or a RENAME's two).
 
-        On entry, waits until no other guest may serve `name` in `directory`
-        from its cache.  From entry until every exit of the body (the change
-        landed, failed or was cancelled), the directory's names are in flux:
-        no lease on it is granted and LOOKUPs in it say that their entry may
-        not be cached (`entry_out`), so that a lookup answered while the
-        recall still waits for a slow holder cannot cache the old name.
+        On entry, waits until no other guest may serve any of the `names` from
+        its cache.  The recalls of all of them run at once, so a RENAME
+        between two directories waits at most one term for their silent
+        holders, not one per directory.  From entry until every exit of the
+        body (the change landed, failed or was cancelled), each directory's
+        names are in flux: no lease on it is granted and LOOKUPs in it say
+        that their entry may not be cached (`entry_out`), so that a lookup
+        answered while a recall still waits for a slow holder cannot cache
+        the old name.
         """
-        decision = self.leases.begin_namespace_change(directory, writer)
+        begun, recalls = [], []
         try:
-            if isinstance(decision, Recall):
-                await asyncio.shield(asyncio.ensure_future(self.recaller.carry_out(
-                    decision, lambda seq: InvalEntry(seq, directory, name, decision.generation))))
+            for directory, name in names:
+                decision = self.leases.begin_namespace_change(directory, writer)
+                begun.append(directory)
+                if isinstance(decision, Recall):
+                    recalls.append(self.recaller.carry_out(decision, functools.partial(
+                        InvalEntry, parent=directory, name=name, generation=decision.generation)))
+            if recalls:
+                await asyncio.shield(self._spawn(_all(recalls)))
             yield
         finally:
-            self.leases.namespace_change_landed(directory)
+            for directory in begun:
+                self.leases.namespace_change_landed(directory)
 
     # --- host-local changes, reported by the detector ---------------------------------
 
@@ -580,7 +628,7 @@ class HostDaemon:
         self._spawn(self._recall_host_local_name(directory, name))
 
     async def _recall_host_local_name(self, directory: int, name: bytes) -> None:
-        async with self.namespace_change(directory, name, HOST_LOCAL):
+        async with self.namespace_change(HOST_LOCAL, (directory, name)):
             pass  # the change has landed already: only its recall is left to do
 
     def host_local_overflow(self) -> None:
@@ -652,6 +700,10 @@ class HostDaemon:
     def write_stats(self, path: str) -> None:
         with open(path, "w") as f:
             json.dump(self.stats_dict(), f, indent=2)
+
+
+async def _all(coroutines) -> None:
+    await asyncio.gather(*coroutines)
 
 
 def _peer(session: Session) -> str:

@@ -266,8 +266,18 @@ def test_forget_inode():
     t = LeaseTable(Policy.CLEAN_LEASE)
     t.grant(F, A)
     t.forget_inode(F)
+    # A holder (one whose connection was lost, say) keeps the entry until it goes.
+    assert t.holders_of(F) == {A}
+    t.drop_holder_of(F, A)
     assert t.peek(F) is None and t.holders_of(F) == frozenset() and t.state_of(F) is CLEAN
     t.forget_inode(F)  # twice is fine
+    t.grant(G, A)
+    t.grant(G, B)
+    t.forget_inode(G)
+    t.drop_holder(A)
+    assert t.holders_of(G) == {B}
+    t.drop_holder(B)
+    assert t.peek(G) is None
 
 
 # --- directories ------------------------------------------------------------------------

@@ -67,7 +67,7 @@ async def open_file(d: Daemon, s: Session, r: FsRequest) -> FsReply:
 async def create_file(d: Daemon, s: Session, r: FsRequest) -> FsReply:
     op = r.op
     d.fs.getattr(s.guest_id, r.nodeid)
-    async with d.namespace_change(r.nodeid, op.name, s.guest_id):
+    async with d.namespace_change(s.guest_id, (r.nodeid, op.name)):
         d.before_create(r.nodeid, op.name)
         # O_TRUNC on an existing file is a modification: it must wait for the recall.
         flags = op.flags & ~os.O_TRUNC

@@ -21,6 +21,10 @@ async def lookup(d: Daemon, s: Session, r: FsRequest) -> FsReply:
 
 async def forget(d: Daemon, s: Session, r: FsRequest) -> None:
     d.fs.forget(s.guest_id, r.nodeid, r.op.nlookup)
+    if d.fs.inodes.lookup_count(s.guest_id, r.nodeid) == 0:
+        # The guest dropped the inode (a kernel evicts its pages with it): it
+        # holds no lease on it any more, and the node id may be gone for good.
+        d.leases.drop_holder_of(r.nodeid, s.guest_id)
     return None  # FORGET has no reply
 
 
@@ -40,21 +44,21 @@ async def readdir(d: Daemon, s: Session, r: FsRequest) -> FsReply:
 async def mkdir(d: Daemon, s: Session, r: FsRequest) -> FsReply:
     op = r.op
     d.fs.getattr(s.guest_id, r.nodeid)
-    async with d.namespace_change(r.nodeid, op.name, s.guest_id):
+    async with d.namespace_change(s.guest_id, (r.nodeid, op.name)):
         nodeid, st = d.fs.mkdir(s.guest_id, r.nodeid, op.name, op.mode & ~op.umask)
     return FsReply(r.unique, 0, d.entry_out(nodeid, st))
 
 
 async def unlink(d: Daemon, s: Session, r: FsRequest) -> FsReply:
     d.fs.getattr(s.guest_id, r.nodeid)
-    async with d.namespace_change(r.nodeid, r.op.name, s.guest_id):
+    async with d.namespace_change(s.guest_id, (r.nodeid, r.op.name)):
         d.fs.unlink(s.guest_id, r.nodeid, r.op.name)
     return FsReply(r.unique, 0, EmptyOut())
 
 
 async def rmdir(d: Daemon, s: Session, r: FsRequest) -> FsReply:
     d.fs.getattr(s.guest_id, r.nodeid)
-    async with d.namespace_change(r.nodeid, r.op.name, s.guest_id):
+    async with d.namespace_change(s.guest_id, (r.nodeid, r.op.name)):
         d.fs.rmdir(s.guest_id, r.nodeid, r.op.name)
     return FsReply(r.unique, 0, EmptyOut())
 
@@ -63,7 +67,6 @@ async def rename(d: Daemon, s: Session, r: FsRequest) -> FsReply:
     op = r.op
     d.fs.getattr(s.guest_id, r.nodeid)
     d.fs.getattr(s.guest_id, op.newdir)
-    async with (d.namespace_change(r.nodeid, op.oldname, s.guest_id),
-                d.namespace_change(op.newdir, op.newname, s.guest_id)):
+    async with d.namespace_change(s.guest_id, (r.nodeid, op.oldname), (op.newdir, op.newname)):
         d.fs.rename(s.guest_id, r.nodeid, op.oldname, op.newdir, op.newname)
     return FsReply(r.unique, 0, EmptyOut())
