@@ -36,6 +36,15 @@ from protocol.messages import (
 ROOT = 1
 
 
+async def until(predicate, what: str, timeout: float = 10.0) -> None:
+    """Poll `predicate` without blocking the loop, for state only polling sees
+    (a file's bytes, a process's run state); fail after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.005)
+
+
 class RawGuest(asyncio.Protocol):
     def __init__(self, name: str, client_id: bytes):
         self.name = name

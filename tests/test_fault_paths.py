@@ -19,7 +19,7 @@ import pytest
 
 from guest.client import GuestClient, HostError
 from protocol.messages import LEASE_NOT_RENEWED, InvalEntry, Invalidate, Read, Rename, Write
-from raw_guest import ROOT, RawGuest
+from raw_guest import ROOT, RawGuest, until
 from relay import Relay
 
 
@@ -33,13 +33,6 @@ def _host(start_host, export, *extra):
     return start_host(export, "--detector", "none", "--ack-timeout", str(ACK_MS),
                       "--lease-term", str(TERM_MS), *extra)
 
-
-async def _until(predicate, what: str, timeout=10.0) -> None:
-    """Poll `predicate` (state only polling sees: a file's bytes) without blocking the loop."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.005)
 
 
 async def _eventually_granted(guest: RawGuest, nodeid: int, fh: int, timeout=10.0) -> None:
@@ -245,7 +238,7 @@ async def test_a_write_retried_after_its_reply_was_lost_is_not_carried_out_twice
     ha, hb = await a.open("f", os.O_RDWR), await b.open("f", os.O_RDWR)
     relay.hold_replies = True
     writing = asyncio.ensure_future(a.write(ha, 0, b"AAAA"))
-    await _until(lambda: (export / "f").read_bytes() == b"AAAA0000", "A's write landing")
+    await until(lambda: (export / "f").read_bytes() == b"AAAA0000", "A's write landing")
     relay.admit.clear()  # A's reconnection waits until B has written
     relay.hold_replies = False
     relay.cut()  # A's reply is lost with its connection
