@@ -493,9 +493,11 @@ def _watchdog_main(argv: list[str]) -> int:
                 elif record == WATCHDOG_FIRE:
                     return "fire"
 
-    def fire(reason: str, late_ns: int = 0) -> int:
+    def fire(reason: str, late_ns: int = 0, death_grace_s: float = 0.0) -> int:
         started = time.monotonic_ns()
-        dead = guest is None or bool(select.select([guest], [], [], 0)[0])
+        # A killed guest's fds close in do_exit before its pidfd says it died:
+        # after its end of the pipe closed, give its death a moment to show.
+        dead = guest is None or bool(select.select([guest], [], [], death_grace_s)[0])
         how = None
         if dead and mounted_connection(mountpoint) == connection:
             # Nobody will serve it again: abort (MNT_FORCE) and detach it, here
@@ -545,7 +547,7 @@ def _watchdog_main(argv: list[str]) -> int:
             if what == "fire":
                 return fire("the guest asked")
             if what == "eof":
-                return fire("the guest closed its end")
+                return fire("the guest closed its end", death_grace_s=0.5)
 
 
 if __name__ == "__main__":

@@ -1039,13 +1039,15 @@ async def _read(m: GuestMount, h, body) -> None:
             st.may_have_pages = True
             if unleased:
                 # These pages are not covered by a lease: the kernel may keep
-                # them only until we drop them (R4).
+                # them only until we drop them (R4).  On a DIRECT_IO handle
+                # too: a mapping of it reads through this same path into the
+                # page cache, where other mappings of the file see it.
                 st.tainted = True
                 st.taint_seq += 1
                 if cached:
                     m.stats.unleased_cached_replies += 1
-                    if not m.hold_purges:
-                        m._schedule_purge(nodeid)
+                if not m.hold_purges:
+                    m._schedule_purge(nodeid)
         return None
     finally:
         if st is not None:

@@ -106,9 +106,6 @@ for line in sys.stdin:
 """
 
 
-@pytest.mark.xfail(strict=True, reason="finding: guest/mount.py schedules no drop after an "
-                                       "unleased READ reply on a DIRECT_IO handle; remove this "
-                                       "marker once it does")
 def test_a_private_mapping_of_a_file_opened_without_a_lease_sees_a_later_write(
         export, start_host, mount_guest):  # noqa: F811
     """What the chaos run's stale mapping reads come down to (seeds 2 and 3 at 20 s,
@@ -117,7 +114,9 @@ def test_a_private_mapping_of_a_file_opened_without_a_lease_sees_a_later_write(
     pages in through the page cache, with a READ on that handle whose reply is
     unleased.  The guest marks the inode tainted but drops nothing, and a later write
     to the DIRTY inode lands without a recall: read(2) on the same descriptor sees
-    it, the mapping keeps the old bytes (measured: still after 3 s, three terms)."""
+    it, the mapping keeps the old bytes (measured: still after 3 s, three terms).
+    Fixed: the guest drops a tainted inode's pages after an unleased READ on a
+    DIRECT_IO handle too (this test was a strict xfail before the fix)."""
     (export / "f").write_bytes(b"A" * 4096)
     _, address = start_host(export, "--clean-after", "600000", "--lease-term", "1000",
                             "--ack-timeout", "300")
