@@ -587,18 +587,36 @@ async def failing_write(args) -> int:
 # --- namespace changes ---------------------------------------------------------------------
 
 
+async def _library_client(args, deadline_s: float = 15.0):
+    """A GuestClient, connecting again with backoff while the host is being restarted."""
+    from guest.client import AuthenticationFailed, GuestClient
+
+    until = time.monotonic() + deadline_s
+    delay = 0.02
+    while True:
+        try:
+            return await GuestClient.connect(args.address, name=args.actor, token=_token(args),
+                                             request_timeout=30.0)
+        except AuthenticationFailed:
+            raise
+        except (OSError, ConnectionError, asyncio.TimeoutError):
+            if time.monotonic() + delay > until:
+                raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.5)
+
+
 def _side_path(directory: str, name: str) -> str:
     return f"{directory}/{name}" if directory else name
 
 
 async def namespace_churn(args) -> int:
-    from guest.client import GuestClient, HostError, OutcomeUnknown, SessionLost
+    from guest.client import HostError, OutcomeUnknown, SessionLost
 
     dirs = [d if d != "." else "" for d in args.dirs.split(",")]
     file_ids = [int(x) for x in args.file_ids.split(",")]
     log = LogWriter(args.log)
-    client = await GuestClient.connect(args.address, name=args.actor, token=_token(args),
-                                       request_timeout=30.0)
+    client = await _library_client(args)
     await client.lease_root()
     for d in dirs:
         for _ in range(5):  # a restart may hide whether it happened: ask again
@@ -687,13 +705,12 @@ async def namespace_churn(args) -> int:
 
 
 async def name_reader(args) -> int:
-    from guest.client import GuestClient, HostError, SessionLost
+    from guest.client import HostError, SessionLost
 
     dirs = [d if d != "." else "" for d in args.dirs.split(",")]
     file_ids = [int(x) for x in args.file_ids.split(",")]
     log = LogWriter(args.log)
-    client = await GuestClient.connect(args.address, name=args.actor, token=_token(args),
-                                       request_timeout=30.0)
+    client = await _library_client(args)
     stats = dict(kind="name-reader", reads=0, hits=0, missing=0, failed=0)
     ops = itertools.count()
     until = time.monotonic() + args.for_s
@@ -731,16 +748,46 @@ async def name_reader(args) -> int:
     return 0
 
 
+# --- how quickly the daemon answers: a probe ------------------------------------------------
+
+
+async def probe(args) -> int:
+    """Heartbeat every `--every` s for `--for` s (reconnecting after a restart); the
+    stats list [sent ns, reply latency ms] for every heartbeat: the daemon's
+    responsiveness, to tell a stall the protocol caused from one the daemon's
+    being unscheduled or blocked caused."""
+    token = _token(args)
+    until = time.monotonic() + args.for_s
+    samples = []
+    say("READY")
+    while time.monotonic() < until:
+        session = await _connect_until(args.address, args.actor, token, until, auto_ack=True)
+        if session is None:
+            break
+        try:
+            while time.monotonic() < until:
+                sent = now_ns()
+                _, received = await session.heartbeat(timeout=30.0)
+                samples.append([sent, (received - sent) / 1e6])
+                await asyncio.sleep(args.every)  # the probe's period, not an ordering
+        except (ConnectionError, asyncio.TimeoutError):
+            pass
+        finally:
+            session.close()
+    open(args.log, "a").close()
+    _write_stats(args.stats, dict(kind="probe", samples=samples))
+    return 0
+
+
 # --- guest writes for the injector to restart the host under ----------------------------
 
 
 async def inflight_writes(args) -> int:
-    from guest.client import GuestClient, HostError, OutcomeUnknown, SessionLost
+    from guest.client import HostError, OutcomeUnknown, SessionLost
 
     f = parse_files(args.file)[0]
     log = LogWriter(args.log)
-    client = await GuestClient.connect(args.address, name=args.actor, token=_token(args),
-                                       request_timeout=30.0)
+    client = await _library_client(args)
     handle = await client.open(f.path, os.O_RDWR)
     stats = dict(kind="inflight-writes", writes=0, uncertain=0, failed={}, modifications=[])
     say("READY")
@@ -963,14 +1010,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--for", dest="for_s", type=float, default=2.0)
     p.add_argument("--dirs", default=".,churn.d")
     p.add_argument("--file-ids", required=True)
-    p.add_argument("--concurrency", type=int, default=3, help="changes in flight per directory")
-    p.add_argument("--pause-ms", type=float, default=10.0)
+    p.add_argument("--concurrency", type=int, default=2, help="changes in flight per directory")
+    p.add_argument("--pause-ms", type=float, default=15.0)
     p = sub.add_parser("name-reader")
     common(p)
     p.add_argument("--side", default="side.dat")
     p.add_argument("--for", dest="for_s", type=float, default=2.0)
     p.add_argument("--dirs", default=".,churn.d")
     p.add_argument("--file-ids", required=True)
+    p = sub.add_parser("probe")
+    common(p)
+    p.add_argument("--for", dest="for_s", type=float, default=10.0)
+    p.add_argument("--every", type=float, default=0.05)
     p = sub.add_parser("inflight-writes")
     common(p)
     p.add_argument("--file", required=True)
@@ -993,7 +1044,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.kind == "host-write":
         return host_write(args)
     runner = {"silent-holders": silent_holders, "failing-write": failing_write,
-              "namespace-churn": namespace_churn, "name-reader": name_reader,
+              "namespace-churn": namespace_churn, "name-reader": name_reader, "probe": probe,
               "inflight-writes": inflight_writes}[args.kind]
     return asyncio.run(runner(args))
 
