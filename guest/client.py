@@ -194,6 +194,9 @@ class GuestClient:
     may or may not have happened.
     """
 
+    # Feature bits offered beyond the plain ones (a mount: FEATURE_CACHES_UNLEASED).
+    extra_features = 0
+
     def __init__(self, address: str, *, name: str, cache_bytes: int, request_timeout: float,
                  heartbeat: bool, reconnect: bool, reconnect_for: float,
                  token: bytes | None = None):
@@ -261,7 +264,8 @@ class GuestClient:
             await loop.create_unix_connection(lambda: _ClientProtocol(session), where.path)
         else:
             await loop.create_connection(lambda: _ClientProtocol(session), where.host, where.port)
-        offer = wire.SUPPORTED_FEATURES | (wire.FEATURE_AUTH if self.token is not None else 0)
+        offer = (wire.SUPPORTED_FEATURES | self.extra_features
+                 | (wire.FEATURE_AUTH if self.token is not None else 0))
         session.send(Hello(wire.PROTOCOL_VERSION, offer, wire.DEFAULT_MAX_FRAME, self.name,
                            self.client_id))
         try:

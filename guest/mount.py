@@ -72,7 +72,7 @@ from guest.fuse_device import (
     Watchdog,
     parse_request,
 )
-from protocol import fuse
+from protocol import fuse, wire
 from protocol.fuse import (
     FATTR_ATIME,
     FATTR_ATIME_NOW,
@@ -126,7 +126,14 @@ class MountClient(GuestClient):
     Node ids belong to one session, and the kernel keeps using the ones it
     has, so a mount cannot carry over to a new session: connect with
     reconnect=False and unmount when the session ends.
+
+    The kernel's page cache takes every READ reply, leased or not (R4 drops
+    an unleased one again, but not at once): so it tells the host so
+    (FEATURE_CACHES_UNLEASED), and the host recalls it before the next
+    modification of an inode it read without a lease.
     """
+
+    extra_features = wire.FEATURE_CACHES_UNLEASED
 
 
 @dataclass

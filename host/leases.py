@@ -112,6 +112,10 @@ class InodeLeases:
     # Its node id is gone (forget_inode) but something kept the entry: it goes
     # as soon as that is over.
     gone: bool = False
+    # Guests that were sent this inode's data or attributes without a lease
+    # and whose cache keeps them anyway until it drops them (a mount's page
+    # cache): recalled before the next modification, even in DIRTY.
+    tainted: set[int] = field(default_factory=set)
 
 
 HOST_LOCAL = -1  # the "guest id" of writers that do not come through the daemon
@@ -206,6 +210,15 @@ class LeaseTable:
         leases.holders.add(guest)
         return Grant(ino, leases.generation)
 
+    def unleased(self, ino: int, guest: int) -> None:
+        """`guest`, whose cache keeps what unleased replies carry (a mount), was
+        just sent data or attributes of regular inode `ino` without a lease:
+        it must be recalled before the next modification lands, like a holder."""
+        if self.leasing:
+            leases = self.inode(ino)
+            if not leases.is_dir:
+                leases.tainted.add(guest)
+
     # --- modifications -------------------------------------------------------------
 
     def begin_modification(self, ino: int, writer: int, *,
@@ -225,11 +238,15 @@ class LeaseTable:
         if self.policy is Policy.OPEN_LEASE:
             # The recall normally happened at open-for-write; a modification
             # without one (truncate by name, a host-local write) recalls here.
-            if not leases.holders:
+            if not leases.holders and not leases.tainted - {writer}:
                 return None
             return self._start_recall(leases, ino, writer, next_state=InodeState.CLEAN)
         if leases.state is InodeState.DIRTY:
-            return None
+            if not leases.tainted - {writer}:
+                return None
+            # Guests that cached what unleased replies carried: recall them
+            # too, and stay DIRTY.
+            return self._start_recall(leases, ino, writer, next_state=InodeState.DIRTY)
         # A directory has no pages to flush: after its attributes change it is clean at once.
         after = InodeState.CLEAN if leases.is_dir else InodeState.DIRTY
         return self._start_recall(leases, ino, writer, next_state=after)
@@ -237,8 +254,9 @@ class LeaseTable:
     def _start_recall(self, leases: InodeLeases, ino: int, writer: int,
                       next_state: InodeState) -> Recall:
         leases.generation += 1
-        recalled = frozenset(leases.holders - {writer})
+        recalled = frozenset((leases.holders | leases.tainted) - {writer})
         leases.holders.clear()
+        leases.tainted.clear()
         leases.state = InodeState.RECALLING
         leases.rearm_at = None
         leases.after_recall = next_state
@@ -384,6 +402,7 @@ class LeaseTable:
             if guest in leases.holders:
                 leases.holders.discard(guest)
                 held.append(ino)
+            leases.tainted.discard(guest)
             leases.writers.pop(guest, None)
         for ino in held:
             if self._inodes[ino].gone:
@@ -419,5 +438,6 @@ class LeaseTable:
         leases = self._inodes.get(ino)
         if leases is not None:
             leases.holders.discard(guest)
+            leases.tainted.discard(guest)
             if leases.gone:
                 self.forget_inode(ino)

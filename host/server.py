@@ -211,7 +211,7 @@ class HostDaemon:
         elif len(self.sessions) >= cfg.max_sessions:
             error = -errno.EUSERS
         max_frame = max(wire.MIN_MAX_FRAME, min(cfg.max_frame, hello.max_frame))
-        features = hello.features & wire.SUPPORTED_FEATURES
+        features = hello.features & wire.NEGOTIABLE_FEATURES
         nonce = bytes(wire.NONCE_SIZE)
         guest_id = 0
         if error == 0:
@@ -219,6 +219,7 @@ class HostDaemon:
             self._next_guest_id += 1
             session.guest_id, session.name = guest_id, hello.name
             session.client_id = hello.client_id
+            session.caches_unleased = bool(features & wire.FEATURE_CACHES_UNLEASED)
             if cfg.token is not None:
                 # The host decides, whatever the guest offered.
                 features |= wire.FEATURE_AUTH
@@ -405,11 +406,25 @@ class HostDaemon:
         be sent in the same step (no await in between)."""
         grant = self.leases.grant(nodeid, session.guest_id, is_dir=is_dir)
         if grant is None:
+            if session.caches_unleased and not is_dir:
+                self.leases.unleased(nodeid, session.guest_id)
             if self.leases.wants_arming(nodeid):
                 self._arm(nodeid)
             return NO_LEASE
         self.detector.watch(nodeid, is_dir)
         return LeaseGrant(nodeid, grant.generation, self.config.lease_term_ms, LEASE_GRANTED)
+
+    async def settled(self, session: Session, nodeid: int) -> bool:
+        """Before a guest whose cache keeps unleased replies reads `nodeid`: wait
+        until no recall of it is under way, so that what it reads is what the
+        modification behind the recall left.  (Read before, it would cache the
+        old bytes after the modification landed, and no recall would name it.)
+        True if it waited: read again what was read before the call."""
+        waited = False
+        while session.caches_unleased and (over := self._recall_over.get(nodeid)) is not None:
+            await asyncio.shield(over)
+            waited = True
+        return waited
 
     def _arm(self, nodeid: int) -> None:
         """A clean inode its detector does not watch yet was read: arm it, then, if

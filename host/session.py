@@ -83,6 +83,8 @@ class Session:
         self.guest_id = 0
         self.name = "?"
         self.client_id = bytes(16)
+        # Its cache keeps what unleased replies carry (HELLO: FEATURE_CACHES_UNLEASED).
+        self.caches_unleased = False
         self.last_seen = time.monotonic()
         # The latest instant from which the host renewed this guest's term: the
         # arrival of a request (or HEARTBEAT) whose reply renewed it.  No reply

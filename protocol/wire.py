@@ -46,6 +46,13 @@ SUPPORTED_FEATURES = FEATURE_LEASES | FEATURE_HEARTBEAT
 # Not negotiated but decided by the host: in a HELLO it says "I have a token",
 # in the HELLO reply "prove it: AUTH comes next" (protocol/auth.py).
 FEATURE_AUTH = 1 << 2
+# Offered by a guest whose cache may keep what an *unleased* reply carried
+# until it drops it (a mount: the kernel's page cache takes every READ reply).
+# The host then counts such a guest as one to recall before the inode's next
+# modification, even while the inode is DIRTY.  Negotiated like the others,
+# but not in a plain guest's offer.
+FEATURE_CACHES_UNLEASED = 1 << 3
+NEGOTIABLE_FEATURES = SUPPORTED_FEATURES | FEATURE_CACHES_UNLEASED
 
 CLIENT_ID_SIZE = 16  # a guest's identity across its sessions (HELLO)
 NONCE_SIZE = 16  # random bytes each side contributes to an AUTH exchange

@@ -469,6 +469,8 @@ class CleanLeaseMachine(RuleBasedStateMachine):
         self.flushes: list[tuple[int, int]] = []
         self.armed = {ino: not self.needs_arming for ino in FILES}
         self.names_changing = 0  # namespace changes in D begun and not landed
+        # Guests (mounts) sent an inode's data without a lease, whose cache keeps it.
+        self.tainted: dict[int, set[int]] = {ino: set() for ino in FILES}
 
     # --- reads -------------------------------------------------------------------
 
@@ -496,21 +498,34 @@ class CleanLeaseMachine(RuleBasedStateMachine):
     def has_open_writers(self, ino) -> bool:
         return False  # clean-lease does not count opens
 
+    @rule(guest=st.sampled_from(GUESTS), ino=st.sampled_from(FILES))
+    def unleased_read_by_a_mount(self, guest, ino):
+        """A mount read `ino` and got no lease: its page cache keeps the bytes.
+        (During RECALLING the daemon makes such a read wait: `settled`.)"""
+        if self.t.state_of(ino) is RECALLING or self.t.grant(ino, guest) is not None:
+            if self.t.holders_of(ino) and guest in self.t.holders_of(ino):
+                self.live[ino].add(guest)
+            return
+        self.t.unleased(ino, guest)
+        self.tainted[ino].add(guest)
+
     # --- modifications ---------------------------------------------------------------
 
     def _recalled(self, ino, writer, recall: Recall) -> None:
         assert recall.ino == ino
         assert recall.generation == self.generation[ino] + 1
-        assert recall.holders == self.live[ino] - {writer}
+        assert recall.holders == (self.live[ino] | self.tainted[ino]) - {writer}
         for guest in recall.holders:  # each live holder is named once, then its lease is gone
-            assert guest in self.live[ino]
+            assert guest in self.live[ino] or guest in self.tainted[ino]
             self.live[ino].discard(guest)
         self.live[ino].discard(writer)  # the writer's own lease ends silently
+        self.tainted[ino].clear()  # recalled: their copies will be gone
         assert self.t.holders_of(ino) == frozenset()
         self.recalling[ino] = writer
 
     def _land(self, ino, writer) -> None:
         assert not (self.live[ino] - {writer}), "a modification lands under a live lease"
+        assert not (self.tainted[ino] - {writer}), "a modification lands over a cached copy"
         self.landed[ino] += 1
         assert self.t.modification_landed(ino) == self.landed[ino]
 
@@ -574,6 +589,7 @@ class CleanLeaseMachine(RuleBasedStateMachine):
     @rule(ino=st.sampled_from(FILES), clean=st.booleans(), race=st.booleans(),
           armed=st.booleans())
     def rearm(self, ino, clean, race, armed):
+        race = race and not self.tainted[ino]  # (a write over a cached copy recalls: `modify`)
         expect = (self.policy is Policy.CLEAN_LEASE and self.t.state_of(ino) is DIRTY
                   and self.flushed[ino] >= self.landed[ino])
         assert self.t.wants_rearm(ino) == (self.policy is Policy.CLEAN_LEASE
@@ -610,6 +626,8 @@ class CleanLeaseMachine(RuleBasedStateMachine):
         assert sorted(held) == sorted(ino for ino, live in self.live.items() if guest in live)
         for live in self.live.values():
             live.discard(guest)
+        for tainted in self.tainted.values():
+            tainted.discard(guest)
 
     # --- invariants ------------------------------------------------------------------------
 
@@ -701,7 +719,7 @@ class OpenLeaseMachine(CleanLeaseMachine):
         if state is RECALLING:
             assert decision is WAIT
             return
-        if self.live[ino]:
+        if self.live[ino] or self.tainted[ino] - {writer}:
             assert isinstance(decision, Recall)
             self._recalled(ino, writer, decision)
             return
