@@ -27,6 +27,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from host import cachestat, replies, statx
+from host.boot import BootMarker
 from host.backend import ExportFS
 from host.detectors import Detector as HostDetector
 from host.detectors import NullDetector
@@ -126,6 +127,10 @@ class HostDaemon:
         self.recaller = Recaller(config, self.stats, self.leases, self.sessions, self._forget_guest)
         self.replies = replies.ReplyCache(per_client=config.max_in_flight)
         self._flush_timers: dict[int, asyncio.TimerHandle] = {}
+        # Until then no modification lands: leases a predecessor on this export
+        # granted may still be live (host/boot.py).
+        self.boot_marker = BootMarker(config.export, config.lease_term_ms)
+        self._grace_until = 0.0
         self._tasks: set[asyncio.Task] = set()
         self._server: asyncio.AbstractServer | None = None
 
@@ -152,6 +157,11 @@ class HostDaemon:
                                                     where.port)
             bound = self._server.sockets[0].getsockname()
             address = f"tcp:{bound[0]}:{bound[1]}"
+        grace = self.boot_marker.start()
+        if grace > 0:
+            self._grace_until = time.monotonic() + grace
+            log.info("a previous daemon on this export may have granted leases that live "
+                     "%.2f s more: modifications wait until then", grace)
         await self.detector.start(self)
         return address
 
@@ -165,6 +175,7 @@ class HostDaemon:
         for task in list(self._tasks):
             task.cancel()
         await self.detector.stop()
+        self.boot_marker.closed(leases_may_live=self.stats.sessions > 0)
 
     # --- connections and the handshake -----------------------------------------
 
@@ -414,6 +425,12 @@ class HostDaemon:
         self.detector.watch(nodeid, is_dir)
         return LeaseGrant(nodeid, grant.generation, self.config.lease_term_ms, LEASE_GRANTED)
 
+    async def _after_restart_grace(self) -> None:
+        """Wait until no lease a predecessor on this export granted can be live."""
+        remaining = self._grace_until - time.monotonic()
+        if remaining > 0:
+            await asyncio.sleep(remaining)
+
     async def settled(self, session: Session, nodeid: int) -> bool:
         """Before a guest whose cache keeps unleased replies reads `nodeid`: wait
         until no recall of it is under way, so that what it reads is what the
@@ -551,6 +568,7 @@ class HostDaemon:
         daemon's own task: a caller cancelled while it waits does not cut them
         short; the recall then ends when they do, and, since the daemon cannot
         know what the caller did, counts as a modification (a flush follows)."""
+        await self._after_restart_grace()
         while (decision := decide()) is WAIT:
             await asyncio.shield(self._recall_over[nodeid])
         if not isinstance(decision, Recall):
@@ -602,6 +620,7 @@ class HostDaemon:
         answered while a recall still waits for a slow holder cannot cache
         the old name.
         """
+        await self._after_restart_grace()
         begun, recalls = [], []
         try:
             for directory, name in names:

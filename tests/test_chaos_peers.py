@@ -284,14 +284,10 @@ def test_the_report_lists_every_broken_promise():
 # --- what `make chaos` found (issue 11): forced once each, failing until fixed --------------
 
 
-@pytest.mark.xfail(strict=True, reason="finding (make chaos, restart-guest-write-in-flight): a "
-                   "restarted host lets a write land at once, while a lease the previous boot "
-                   "granted is still live by its holder's term; a holder whose connection the "
-                   "kill cut (a mount's kernel keeps its pages) may serve the old bytes until "
-                   "then.  Needs a grace period of one term after start (host/*).  When this "
-                   "XPASSes, drop the mark and the 'restart-grace' allowance in "
-                   "tests/test_reliability.py.")
 def test_a_restarted_host_waits_out_the_terms_its_previous_boot_granted(export, start_host):
+    """Found by `make chaos` (restart-guest-write-in-flight), a strict xfail until
+    host/boot.py: a restarted host let a write land at once, inside a lease its
+    predecessor had granted (a mount's kernel keeps its pages after the kill)."""
     from protocol.messages import Read, Write
     from workload.chaos_peers import RawSession
 

@@ -108,14 +108,7 @@ def test_a_short_chaos_run_keeps_every_promise(tmp_path, transport):
         [sys.executable, "-m", "workload.cli", "chaos", "--duration", "8", "--seed", "3",
          "--mean-gap", "0.4", "--workdir", str(tmp_path), *transport],
         capture_output=True, text=True, timeout=240)
-    # One finding of `make chaos` is not fixed yet: a restarted host does not wait out
-    # the terms its previous boot granted (the silent holders' last-instant reads
-    # show it; tests/test_chaos_peers.py forces it, xfail).  Every other promise must
-    # hold.  Remove the allowance when that test XPASSes.
-    allowed = {"restart-grace"}
-    broken = re.findall(r"^\s*broken: ([\w-]+):", proc.stdout, re.M)
-    assert set(broken) <= allowed, proc.stdout + proc.stderr
-    assert proc.returncode == (1 if broken else 0), proc.stdout + proc.stderr
+    assert proc.returncode == 0, proc.stdout + proc.stderr
     fanotify, _ = FanotifyDetector.usable(str(tmp_path))
     for fault in FAULTS:
         count = re.search(rf"faults injected: {fault}[\s│|]+(\w+)", proc.stdout)[1]
