@@ -210,6 +210,15 @@ class LeaseTable:
         leases.holders.add(guest)
         return Grant(ino, leases.generation)
 
+    def read_while_recalling(self, ino: int) -> frozenset[int]:
+        """The guests tainted while the recall that just ended ran: they cached
+        what the modification about to land replaces.  Taken (they are no longer
+        tainted): the caller recalls them once the modification has landed."""
+        leases = self.inode(ino)
+        late = frozenset(leases.tainted)
+        leases.tainted.clear()
+        return late
+
     def unleased(self, ino: int, guest: int) -> None:
         """`guest`, whose cache keeps what unleased replies carry (a mount), was
         just sent data or attributes of regular inode `ino` without a lease:

@@ -431,18 +431,6 @@ class HostDaemon:
         if remaining > 0:
             await asyncio.sleep(remaining)
 
-    async def settled(self, session: Session, nodeid: int) -> bool:
-        """Before a guest whose cache keeps unleased replies reads `nodeid`: wait
-        until no recall of it is under way, so that what it reads is what the
-        modification behind the recall left.  (Read before, it would cache the
-        old bytes after the modification landed, and no recall would name it.)
-        True if it waited: read again what was read before the call."""
-        waited = False
-        while session.caches_unleased and (over := self._recall_over.get(nodeid)) is not None:
-            await asyncio.shield(over)
-            waited = True
-        return waited
-
     def _arm(self, nodeid: int) -> None:
         """A clean inode its detector does not watch yet was read: arm it, then, if
         it may have been written unseen, check it is clean (invariant 4).  This
@@ -516,30 +504,56 @@ class HostDaemon:
         FailedModification carrying the trailer (`revoked`) that publishes the
         inode's new generation to the writer.
         """
-        first = await self.modify(nodeid, writer, is_dir=is_dir)
+        first, late = await self._modify(nodeid, writer, is_dir=is_dir)
         try:
             yield Modification(nodeid, first)
         except OSError as exc:
             raise FailedModification(exc, self.revoked(nodeid, first)) from exc
+        else:
+            # Guests that cache unleased replies and read `nodeid` while its
+            # recall ran hold the bytes this modification just replaced: purge
+            # them before the writer learns its modification is done.
+            if late:
+                await self._recall_late(nodeid, late)
         finally:
             self.modified(nodeid)
 
     async def modify(self, nodeid: int, writer: int, *, is_dir: bool = False) -> bool:
+        """Return once `writer` may modify `nodeid`, for a modification the
+        daemon does not carry out itself (a host-local write the kernel lands
+        once its event is answered).  True if it started a recall.  Guest
+        requests use `modification`."""
+        first, late = await self._modify(nodeid, writer, is_dir=is_dir)
+        if late:  # (a host-local write lands when the kernel says: recall them at once)
+            self._spawn(self._recall_late(nodeid, late))
+        return first
+
+    async def _recall_late(self, nodeid: int, guests: frozenset[int]) -> None:
+        leases = self.leases.peek(nodeid)
+        generation = leases.generation if leases else 0
+        await self.recaller.carry_out(Recall(nodeid, generation, guests), lambda seq: Invalidate(
+            seq, nodeid, 0, 0, generation))
+
+    async def _modify(self, nodeid: int, writer: int, *,
+                      is_dir: bool = False) -> tuple[bool, frozenset[int]]:
         """Return once `writer` may modify `nodeid`: every other guest's copy is gone.
 
-        Returns True if this modification is the first dirtying one (it
-        started a recall).  Must be followed, with no await in between, by the
-        modification and `modified(nodeid)`: use `modification`, which pairs
-        them on every exit.  Host-local writers (whose modification the kernel
-        carries out) call it directly.
+        Returns (first, late): first is True if this modification is the first
+        dirtying one (it started a recall); late are the guests that cache
+        unleased replies and read `nodeid` while the recall ran (they were
+        answered at once: a READ held back there would keep its page locked
+        in the guest's kernel and deadlock the guest's purge).  Must be
+        followed, with no await in between, by the modification and
+        `modified(nodeid)`, and then by a recall of `late`.
         """
-        if await self._recall_for(nodeid, lambda: self.leases.begin_modification(
-                nodeid, writer, is_dir=is_dir)):
+        late = await self._recall_for(nodeid, lambda: self.leases.begin_modification(
+            nodeid, writer, is_dir=is_dir))
+        if late is not None:
             self.detector.disarm(nodeid)
-            return True
+            return True, late - {writer}
         if self.leases.policy is Policy.OPEN_LEASE:
             self.detector.disarm(nodeid)  # see open_for_write
-        return False
+        return False, frozenset()
 
     def modified(self, nodeid: int) -> None:
         """A modification of `nodeid` has landed: schedule the flush that cleans it."""
@@ -555,11 +569,12 @@ class HostDaemon:
             # lease-break-time (docs/kernel.md).
             self.detector.disarm(nodeid)
 
-    async def _recall_for(self, nodeid: int, decide) -> bool:
+    async def _recall_for(self, nodeid: int, decide) -> frozenset[int] | None:
         """Ask the lease table (`decide()`) until no recall of `nodeid` is in progress,
-        and carry out the Recall it answers, if any.  True if there was one: then
-        every other copy of `nodeid` is gone (invariant 2), and the caller must
-        land its modification in this same step (no await in between).
+        and carry out the Recall it answers, if any.  None if there was none.
+        Else every other copy of `nodeid` is gone (invariant 2) but those of the
+        guests returned (`LeaseTable.read_while_recalling`), and the caller
+        must land its modification in this same step (no await in between).
 
         The recall ends (`recall_finished`) in the caller's own step, right
         before the modification lands: ended any earlier, in the recall's task,
@@ -572,7 +587,7 @@ class HostDaemon:
         while (decision := decide()) is WAIT:
             await asyncio.shield(self._recall_over[nodeid])
         if not isinstance(decision, Recall):
-            return False
+            return None
         over = self._recall_over[nodeid] = asyncio.get_running_loop().create_future()
         waits = self._spawn(self.recaller.carry_out(decision, lambda seq: Invalidate(
             seq, decision.ino, 0, 0, decision.generation)))
@@ -590,7 +605,7 @@ class HostDaemon:
             waits.add_done_callback(lambda _: end(cancelled=True))
             raise
         end(cancelled=False)
-        return True
+        return self.leases.read_while_recalling(nodeid)
 
     def before_create(self, parent: int, name: bytes) -> None:
         """CREATE may open an existing file for write: under open-lease, drop the

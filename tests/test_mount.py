@@ -280,13 +280,15 @@ def test_open_cached_fd_never_serves_stale_pages_while_dirty(export, start_host,
     assert reader.pread(0, 8192) == b"0" * 8192
     assert b.stats()["opens_cached"] == 1
 
-    # No fsync either (a flush re-arms the lease): the first write recalls b,
-    # the rest find the inode DIRTY and notify nobody.
+    # No fsync either (a flush re-arms the lease): the first write recalls b's
+    # lease; each later one finds the inode DIRTY, and recalls b all the same,
+    # since b read it without a lease in between and its kernel cached those
+    # pages (FEATURE_CACHES_UNLEASED, docs/mount.md R5).
     for version in b"123456":
         pwrite(a.path("d.bin"), 0, bytes([version]) * 8192, fsync=False)
         assert reader.pread(0, 8192) == bytes([version]) * 8192
     stats = b.stats()
-    assert stats["invalidations"] == 1  # only the first dirtying write recalled b
+    assert stats["invalidations"] == 6  # every write recalled b
     assert stats["unleased_cached_replies"] >= 1  # the cached fd read without a lease
 
 
@@ -495,7 +497,9 @@ def test_invalidation_while_a_read_of_the_same_pages_is_unanswered(export, start
             reader.wait()
     assert reader.returncode == 0 and out in (b"o" * 65536, b"n" * 65536)
     stats = b.stats()
-    assert stats["invalidations"] == 1 and stats["acks_sent"] == 1
+    # One recall of b's lease; and one more if cat's later READs came while it
+    # ran (answered unleased: b is recalled again once the write landed, R5).
+    assert stats["invalidations"] in (1, 2) and stats["acks_sent"] == stats["invalidations"]
     # The notification really waited for the unanswered READ, and the write for it.
     assert stats["notify_max_ns"] > 100_000_000, stats
     assert write_took > 0.1

@@ -131,12 +131,14 @@ def test_a_read_after_an_append_sees_the_new_length_when_getattr_drops_pages(
     assert reader.pread() == b"abcde"  # unleased: the READ reply taints the inode
     assert b.stats()["unleased_cached_replies"] >= 1
 
-    append(b"fg")  # DIRTY: nobody is told
-    # This read's GETATTR finds the inode tainted, drops its pages, answers.
+    append(b"fg")  # DIRTY, but b read it without a lease: the host may recall b (R5)
+    # This read's GETATTR finds the inode tainted, drops its pages, answers; or
+    # the host's recall of b came first and took pages and attributes with it.
     assert reader.pread() == b"abcdefg"
     assert reader.mapped(0, 7) == b"abcdefg"
     stats = b.stats()
-    assert stats["purges"] >= 1 and stats["size_repairs"] >= 1, stats
+    assert (stats["invalidations"] >= 2
+            or (stats["purges"] >= 1 and stats["size_repairs"] >= 1)), stats
 
 
 _FSTAT = """

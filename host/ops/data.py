@@ -10,7 +10,6 @@ async def read(d: Daemon, s: Session, r: FsRequest) -> FsReply:
     op = r.op
     limit = s.conn.max_frame - 64  # room for the headers and the lease trailer
     nodeid = d.fs.nodeid_of_handle(s.guest_id, op.fh)
-    await d.settled(s, nodeid)
     data = d.fs.read(s.guest_id, op.fh, op.offset, min(op.size, limit))
     return FsReply(r.unique, 0, ReadOut(data), d.lease_for(s, nodeid))
 

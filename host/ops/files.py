@@ -16,7 +16,6 @@ from protocol.messages import CreateOut, EmptyOut, FsReply, FsRequest, OpenOut
 
 
 async def get_attr(d: Daemon, s: Session, r: FsRequest) -> FsReply:
-    await d.settled(s, r.nodeid)
     st = d.fs.getattr(s.guest_id, r.nodeid)
     return FsReply(r.unique, 0, d.attr_out(st), d.lease_for(s, r.nodeid, is_dir=is_dir(st)))
 

@@ -13,8 +13,6 @@ from protocol.messages import DirEntry, EmptyOut, FsReply, FsRequest, ReaddirOut
 
 async def lookup(d: Daemon, s: Session, r: FsRequest) -> FsReply:
     nodeid, st = d.fs.lookup(s.guest_id, r.nodeid, r.op.name)
-    if await d.settled(s, nodeid):
-        st = d.fs.getattr(s.guest_id, nodeid)
     # While a name in the directory is being recalled, the entry may not be cached.
     cacheable = not d.leases.names_changing(r.nodeid)
     return FsReply(r.unique, 0, d.entry_out(nodeid, st, cacheable=cacheable),
