@@ -134,7 +134,9 @@ def test_a_failed_mount_run_raises_and_leaves_no_mount(workdir, fault):
             sim.wait_done()
         assert time.monotonic() - started < 20  # not the 150 s deadline
         if fault == "actor killed":
-            assert len(fuse_mounts_under(workdir)) == 2  # g0 could not unmount
+            # g0 could not unmount itself; its watchdog detaches its mount once
+            # it sees g0 die, which may or may not have happened yet.
+            assert len(fuse_mounts_under(workdir)) in (1, 2)
     finally:
         sim.abort()
     assert fuse_mounts_under(workdir) == []
