@@ -260,13 +260,13 @@ def test_only_host_writes_opened_before_the_serving_daemon_came_up_are_not_held(
 
 
 def test_a_torn_block_counts_only_where_no_host_local_write_overlapped_it():
-    from workload.chaos import _corrupt_reads
+    from workload.checker import corrupt_reads
 
     host = WriteRecord("hw2", 0, 1, 5001, 1, 100, 200, None, "host-local")
     guest = WriteRecord("g0", 0, 2, 1, 1, 100, 200, True, "guest")
     torn_by_host = ReadRecord("g1", 0, 1, -1, -1, 150, 160, False, 1, "checksum")
     torn_alone = ReadRecord("g1", 0, 2, -1, -1, 150, 160, False, 2, "checksum")
-    assert _corrupt_reads([host, guest, torn_by_host, torn_alone], [host, guest]) == (1, 1)
+    assert corrupt_reads([host, guest, torn_by_host, torn_alone], [host, guest]) == (1, 1)
 
 
 def test_the_report_lists_every_broken_promise():

@@ -46,6 +46,7 @@ from rich.table import Table
 from host.leases import stall_bound_s, term_end
 from workload import fuzz
 from workload import stamp as stamps
+from workload.checker import corrupt_reads
 from workload.oplog import ReadRecord, WriteRecord, read_logs
 from workload.simulate import SimOptions, Simulation
 from workload.workloads import make_workload
@@ -854,7 +855,7 @@ def _report(args, injector: _Injector, run, records, finals, peer_stats, peer_fa
         for key, n in a.get("errors", {}).items():
             kind = key.split(":")[0]
             errors[kind] = errors.get(kind, 0) + n
-    torn, unexplained = _corrupt_reads(records, writes)
+    torn, unexplained = corrupt_reads(records, writes)
     # A stall over the bound by no more than the daemon's own silence meanwhile (its
     # slowest answer to the probe's heartbeats), with no host-local write inside
     # write(2) to block it, was the daemon not being run (CPU), not the protocol
@@ -941,29 +942,6 @@ def _report(args, injector: _Injector, run, records, finals, peer_stats, peer_fa
     r.peer_reads = sum(1 for x in records if isinstance(x, ReadRecord)
                        and x.actor[:2] in ("sh", "fw", "nr")) - r.last_instant_reads
     return r
-
-
-def _corrupt_reads(records, writes) -> tuple[int, int]:
-    """(torn by a host-side race, unexplained) corrupt blocks read by guests and peers.
-
-    ext4 does not make a buffered pread atomic against a concurrent write of the
-    same block, whatever any cache does: a torn block is the file system's doing
-    where a host-local write of that block (O_DIRECT or buffered, outside the
-    daemon) overlapped the read.  Any other corrupt block counts."""
-    host_local = {}
-    for w in writes:
-        if w.actor.startswith("hw"):
-            host_local.setdefault((w.file_id, w.block), []).append(w)
-    torn = unexplained = 0
-    for read in records:
-        if not isinstance(read, ReadRecord) or read.corrupt is None:
-            continue
-        if any(w.start_ns <= read.end_ns and w.end_ns >= read.start_ns
-               for w in host_local.get((read.file_id, read.block), ())):
-            torn += 1
-        else:
-            unexplained += 1
-    return torn, unexplained
 
 
 def _daemon_lag(start: int, end: int, peer_stats) -> tuple[float | None, bool]:

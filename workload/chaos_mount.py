@@ -79,6 +79,7 @@ import time
 from dataclasses import dataclass, field
 
 from workload import stamp as stamps
+from workload.checker import corrupt_reads
 from workload.oplog import ReadRecord, WriteRecord
 
 BLOCK = stamps.BLOCK_SIZE
@@ -1013,7 +1014,7 @@ class _Run:
                     r.mapping_worst_ms[cause] = max(worst) / 1e6
         r.stale_examples = [self._describe(e) for e in result.examples[:6]]
         writes = [x for x in records if isinstance(x, WriteRecord)]
-        torn, unexplained = _corrupt_reads(records + finals, writes)
+        torn, unexplained = corrupt_reads(records + finals, writes)
         r.torn_by_host_race = torn
         r.corrupt = unexplained + result.phantom + result.future
         r.corrupt_kinds = dict(result.corrupt)
@@ -1167,27 +1168,6 @@ class _Run:
                 f"from {overwrite.actor} ({overwrite.via}) {self._at(overwrite.start_ns)}.."
                 f"{self._at(overwrite.end_ns)}, {e.age_ns / 1e6:.1f} ms before the read; "
                 f"events nearby: {', '.join(near) or 'none'}")
-
-
-def _corrupt_reads(records, writes) -> tuple[int, int]:
-    """(torn by a host-side race, unexplained) corrupt blocks.  ext4 does not make a
-    buffered pread atomic against a concurrent write of the same block, so a torn
-    block is allowed where a host-local write of that block overlapped the read;
-    any other corrupt block counts (workload/chaos.py has the same rule)."""
-    host_local: dict[tuple[int, int], list[WriteRecord]] = {}
-    for w in writes:
-        if w.via == "host-local":
-            host_local.setdefault((w.file_id, w.block), []).append(w)
-    torn = unexplained = 0
-    for read in records:
-        if not isinstance(read, ReadRecord) or read.corrupt is None:
-            continue
-        if any(w.start_ns <= read.end_ns and w.end_ns >= read.start_ns
-               for w in host_local.get((read.file_id, read.block), ())):
-            torn += 1
-        else:
-            unexplained += 1
-    return torn, unexplained
 
 
 def _unmount_under(root: str) -> None:

@@ -261,3 +261,26 @@ def check(records: Iterable[Record]) -> CheckResult:
             for age, _, r, v, o in worst
         ),
     )
+
+
+def corrupt_reads(records, writes) -> tuple[int, int]:
+    """(torn by a host-side race, unexplained) corrupt blocks read.
+
+    ext4 does not make a buffered pread atomic against a concurrent write of the
+    same block, whatever any cache does: a torn block is the file system's doing
+    where a host-local write of that block (O_DIRECT or buffered, outside the
+    daemon) overlapped the read.  Any other corrupt block counts."""
+    host_local: dict[tuple[int, int], list[WriteRecord]] = {}
+    for w in writes:
+        if w.via == "host-local":
+            host_local.setdefault((w.file_id, w.block), []).append(w)
+    torn = unexplained = 0
+    for read in records:
+        if not isinstance(read, ReadRecord) or read.corrupt is None:
+            continue
+        if any(w.start_ns <= read.end_ns and w.end_ns >= read.start_ns
+               for w in host_local.get((read.file_id, read.block), ())):
+            torn += 1
+        else:
+            unexplained += 1
+    return torn, unexplained
