@@ -75,11 +75,11 @@ def test_no_application_read_stale_bytes_after_the_watchdog_fired(run):
     assert run["mapping_stale"].get("after-watchdog", 0) == 0, _why_not(run)
 
 
-@pytest.mark.xfail(reason="finding (guest/mount.py, R4): a page an unleased READ reply on a "
-                          "FOPEN_DIRECT_IO handle brought in (a MAP_PRIVATE mapping's fault) is "
-                          "never dropped, and serves every mapping of that inode on the mount "
-                          "after later writes; see docs/reliability.md, 'Chaos with mounted "
-                          "guests'", strict=False)
+@pytest.mark.xfail(reason="a window remains for host-local writes: a mount that read the "
+                          "inode while the write's recall ran is recalled again only once the "
+                          "kernel landed the write (docs/design.md, tainted holders); the "
+                          "DIRECT_IO and guest-write windows this test found are closed",
+                   strict=False)
 def test_no_read_through_a_mapping_is_stale(run):
     assert run["stale"]["mmap-shared"] == 0 and run["stale"]["mmap-private"] == 0, _why_not(run)
 
