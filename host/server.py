@@ -34,7 +34,7 @@ from host.detectors import NullDetector
 from host.leases import HOST_LOCAL, WAIT, InodeState, LeaseTable, Recall
 from host.ops import HANDLERS
 from host.recall import Recaller
-from host.session import HostConfig, HostStats, Session
+from host.session import HostConfig, HostStats, Session, printable
 from protocol import auth, wire
 from protocol.address import parse_address
 from protocol.codec import UnsupportedOpcode
@@ -228,7 +228,8 @@ class HostDaemon:
         if error == 0:
             guest_id = self._next_guest_id
             self._next_guest_id += 1
-            session.guest_id, session.name = guest_id, hello.name
+            # Only ever logged: never raw (a peer could forge log lines).
+            session.guest_id, session.name = guest_id, printable(hello.name)
             session.client_id = hello.client_id
             session.caches_unleased = bool(features & wire.FEATURE_CACHES_UNLEASED)
             if cfg.token is not None:
@@ -284,7 +285,7 @@ class HostDaemon:
         except ProtocolError as exc:
             self.stats.protocol_errors += 1
             log.warning("guest %s (%d): protocol error, closing: %s", session.name,
-                        session.guest_id, exc)
+                        session.guest_id, printable(str(exc), 200))
             session.transport.abort()
 
     def _dispatch_event(self, session: Session, event) -> None:
@@ -394,7 +395,9 @@ class HostDaemon:
                 first.set_result(reply)
 
     async def _carry_out(self, session: Session, request: FsRequest) -> FsReply | None:
-        """Run the request's handler; an errno (or a bug) becomes an error reply."""
+        """Run the request's handler; an errno (or a bug) becomes an error reply,
+        except for a request that has none (FORGET): its errors are counted
+        (`noreply_errors`) and logged at most once per session."""
         handler = HANDLERS.get(request.opcode)
         try:
             if session.fenced:
@@ -410,6 +413,14 @@ class HostDaemon:
             self.stats.errors += 1
             log.exception("guest %d: %s failed", session.guest_id, request.opcode.name)
             reply = FsReply(request.unique, -errno.EIO)
+        if reply is not None and not request.needs_reply:
+            self.stats.noreply_errors += 1
+            if not session.noreply_error_logged:
+                session.noreply_error_logged = True
+                log.warning("guest %s (%d): %s failed (%s); it has no reply, and further such "
+                            "failures of this guest are only counted", session.name,
+                            session.guest_id, request.opcode.name, os.strerror(-reply.error))
+            return None
         return reply
 
     def lease_for(self, session: Session, nodeid: int, *, is_dir: bool = False) -> LeaseGrant:

@@ -19,6 +19,14 @@ from protocol.connection import Connection, Role, State
 from protocol.messages import Policy
 
 
+def printable(text: str, limit: int = 80) -> str:
+    """`text` from a peer, safe for one log line: every character outside
+    printable ASCII (newlines, escapes, anything a terminal would act on) is
+    written as a Python escape, and at most `limit` characters are kept."""
+    escaped = text.encode("unicode_escape").decode("ascii")
+    return escaped if len(escaped) <= limit else escaped[:limit] + "..."
+
+
 @dataclass
 class HostConfig:
     export: str
@@ -63,6 +71,7 @@ class HostStats:
     # waited for their term to run out (a mount's kernel keeps its pages).
     departed_waits: int = 0
     renewals_withheld: int = 0  # replies sent with LEASE_NOT_RENEWED (an ACK was owed)
+    noreply_errors: int = 0  # requests without a reply (FORGET) that failed
 
     def as_dict(self) -> dict:
         d = dict(self.__dict__)
@@ -85,6 +94,7 @@ class Session:
         self.client_id = bytes(16)
         # Its cache keeps what unleased replies carry (HELLO: FEATURE_CACHES_UNLEASED).
         self.caches_unleased = False
+        self.noreply_error_logged = False
         self.last_seen = time.monotonic()
         # The latest instant from which the host renewed this guest's term: the
         # arrival of a request (or HEARTBEAT) whose reply renewed it.  No reply

@@ -130,3 +130,46 @@ async def test_ids_of_another_guest_are_refused(export, start_host):
     assert info.value.errno == errno.EBADF
     await a.close()
     await b.close()
+
+
+# --- issue 13: what a peer can make the daemon write, and not answer ------------------------
+
+
+async def test_a_hello_name_cannot_forge_a_log_line(export, start_host):
+    """Issue 13, item 6: the HELLO name was logged raw, so a peer could write a line
+    of its choosing into the daemon's log.  Failed before: the forged line stood on
+    a line of its own."""
+    from raw_guest import RawGuest
+
+    host, address = start_host(export, "--detector", "none")
+    forged = "host INFO guest admin connected as 1"
+    peer = await RawGuest.connect(address, "x\n" + forged + "\x1b[2J")
+    peer.close()
+    await peer.lost
+    host.stop()
+    log = host.proc.stderr.read().decode(errors="replace")
+    assert "x\\n" + forged + "\\x1b[2J" in log, log
+    assert forged not in log.splitlines(), log
+
+
+async def test_failing_forgets_get_no_reply_and_one_log_line(export, start_host):
+    """Issue 13, item 4: a FORGET of a node id the guest does not hold made the
+    daemon try to reply to a request that has none: an error line and a
+    traceback per frame.  Now: no reply, one log line, a counter, and the
+    guest is still served.  Failed before: a traceback per FORGET."""
+    from protocol.messages import Forget, FsRequest
+    from raw_guest import ROOT, RawGuest
+
+    (export / "f").write_bytes(b"f")
+    host, address = start_host(export, "--detector", "none")
+    peer = await RawGuest.connect(address, "forgetful")
+    for unique in range(1000, 1200):
+        peer.transport.write(peer.conn.send(FsRequest(unique, 4242, Forget(1))))
+    node, fh = await peer.open("f")  # served after all of them, on the same stream
+    assert (await peer.read(node, fh)).body.data == b"f"
+    peer.close()
+    await peer.lost
+    host.stop()
+    log = host.proc.stderr.read().decode(errors="replace")
+    assert log.count("FORGET failed") == 1, log
+    assert "Traceback" not in log and "never retrieved" not in log, log
