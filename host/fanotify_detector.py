@@ -16,7 +16,7 @@ Setup (`start`), in this order:
 
 Arming: the mount mark makes every inode "armed".  The daemon arms an inode
 before it grants a lease on it (`try_rearm` calls `arm` before its cachestat
-check) and "disarms" it once it is dirty (`HostDaemon.modify` calls `disarm`
+check) and "disarms" it once it is dirty (`HostDaemon._modify` calls `disarm`
 after the recall).  Disarming does NOT put an ignore mark on the inode: a
 DIRTY inode keeps raising events, which are answered at once, so that every
 thread that begins a modification of it is known when the daemon re-arms it

@@ -355,13 +355,13 @@ class HostDaemon:
     def _reply(self, session: Session, reply: FsReply, received_at: float) -> None:
         """Send `reply` to a request received at `received_at`, marked
         LEASE_NOT_RENEWED unless it may renew the guest's term (`Session.renews`)."""
+        if session.closed:
+            return
         withheld = not session.renews(received_at)
         if withheld:
             self.stats.renewals_withheld += 1
             reply = dataclasses.replace(reply, lease=dataclasses.replace(
                 reply.lease, flags=reply.lease.flags | LEASE_NOT_RENEWED))
-        if session.closed:
-            return
         try:
             session.send(reply)
         except ProtocolError as exc:  # e.g. a reply larger than the frame maximum
@@ -506,7 +506,7 @@ class HostDaemon:
         """`async with d.modification(nodeid, writer) as m:` carry out one modification.
 
         On entry, waits until no other guest can serve its copy of `nodeid`
-        (`modify`); `m.first` says whether this modification started the
+        (`_modify`); `m.first` says whether this modification started the
         recall.  The body must modify with no await in between.  Every exit of
         the body, success, an errno or a cancellation, counts the modification
         as landed and schedules the flush that leads back to CLEAN
@@ -528,16 +528,6 @@ class HostDaemon:
                 await self._recall_late(nodeid, late)
         finally:
             self.modified(nodeid)
-
-    async def modify(self, nodeid: int, writer: int, *, is_dir: bool = False) -> bool:
-        """Return once `writer` may modify `nodeid`, for a modification the
-        daemon does not carry out itself (a host-local write the kernel lands
-        once its event is answered).  True if it started a recall.  Guest
-        requests use `modification`."""
-        first, late = await self._modify(nodeid, writer, is_dir=is_dir)
-        if late:  # (a host-local write lands when the kernel says: recall them at once)
-            self._spawn(self._recall_late(nodeid, late))
-        return first
 
     async def _recall_late(self, nodeid: int, guests: frozenset[int]) -> None:
         leases = self.leases.peek(nodeid)
@@ -670,12 +660,15 @@ class HostDaemon:
         Returns once no guest can serve its old copy.  A pre-content detector
         answers the kernel only after this returns, so the write lands after
         the recall; an after-the-fact detector calls it to shorten the window.
-        In DIRTY there is nothing to recall; the cachestat check before the
-        next re-arm sees what the write dirtied.
+        In DIRTY there is nothing to recall but tainted guests; the cachestat
+        check before the next re-arm sees what the write dirtied.
         """
         self.stats.host_local_events += 1
-        if await self.modify(nodeid, HOST_LOCAL):
+        first, late = await self._modify(nodeid, HOST_LOCAL)
+        if first:
             self.modified(nodeid)
+        if late:  # the kernel lands the write when it will: recall them at once
+            self._spawn(self._recall_late(nodeid, late))
 
     def host_local_modification(self, nodeid: int) -> None:
         """After the fact: recall the leases on `nodeid` if it was clean."""

@@ -323,7 +323,7 @@ def test_directory_attribute_change_recalls_then_is_clean():
 def test_directory_stays_clean_after_its_attribute_change_lands():
     t = LeaseTable(Policy.CLEAN_LEASE)
     t.grant(D, A, is_dir=True)
-    t.begin_modification(D, B)  # e.g. SETATTR (chmod) on a directory: server.modify()
+    t.begin_modification(D, B)  # e.g. SETATTR (chmod) on a directory: server.modification()
     t.recall_finished(D)
     t.modification_landed(D)  # ... then server.modified()
     assert t.state_of(D) is CLEAN  # a directory is never DIRTY
