@@ -508,6 +508,19 @@ class ExportFS:
             writing), ``EINVAL`` (negative offset, not a contiguous buffer,
             longer than ``max_io_size``), ``ENOSPC``, ``EFBIG``...
         """
+        return self.write_call(owner, fh, offset, data)()
+
+    def write_call(self, owner: int, fh: int, offset: int,
+                   data: bytes | bytearray | memoryview) -> Callable[[], int]:
+        """`write`, in two steps: checks everything now, and returns the call
+        that writes (and returns the number of bytes written), which may run on
+        another thread.  It writes through its own duplicate of the handle's
+        fd, closed when it returns, so a handle closed meanwhile cannot make
+        it write to whatever file reuses the fd's number.
+
+        Raises (now): as `write`, but not what the write itself reports; the
+        returned call raises that (``ENOSPC``, ``EFBIG``...).
+        """
         handle = self._handle(owner, fh)
         _check_int(offset, "offset", 0, _OFF_MAX)
         try:
@@ -518,7 +531,25 @@ class ExportFS:
             raise _err(errno.EINVAL, "data must be contiguous")
         if view.nbytes > self._max_io:
             raise _err(errno.EINVAL, "write longer than max_io_size")
-        return os.pwrite(handle.fd, view, offset)
+        fd = os.dup(handle.fd)
+
+        def write() -> int:
+            try:
+                return os.pwrite(fd, view, offset)
+            finally:
+                os.close(fd)
+        return write
+
+    def peek(self, parent: int, name: object) -> int | None:
+        """The nodeid some owner knows the inode ``name`` in ``parent`` names now
+        by, or None (no such name, an invalid one, an inode nobody knows).  No
+        lookup count changes, and the name may change right after.  Never raises."""
+        try:
+            st = os.stat(_check_name(name), dir_fd=self._store.host_fd(parent),
+                         follow_symlinks=False)
+        except OSError:
+            return None
+        return self._store.lookup_key(st.st_dev, st.st_ino)
 
     def flush(self, owner: int, fh: int) -> None:
         """What a guest ``close()`` of one descriptor means; the handle stays open.

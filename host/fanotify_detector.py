@@ -187,7 +187,7 @@ class FanotifyDetector(Detector):
         self._cooled = 0  # ignore marks put, ever
         self._prune_at = 1024
         self.counters = dict(reads=0, modifications=0, unknown_inode=0, dirty=0, recalls=0,
-                             mmap_writes=0, errors=0, not_quiescent=0)
+                             mmap_writes=0, errors=0, not_quiescent=0, seeded_in_flight=0)
 
     # --- can it run here? ---------------------------------------------------------
 
@@ -239,6 +239,7 @@ class FanotifyDetector(Detector):
                 self._mount = None
             raise
         self._group = group
+        self._seed_in_flight(os.stat(export).st_dev)
         self._slots = asyncio.Semaphore(MAX_CONCURRENT_RECALLS)
         asyncio.get_running_loop().add_reader(group.fileno(), self._on_readable)
         log.info("fanotify: %s bound over itself (private) and marked; the daemon's own I/O "
@@ -395,6 +396,25 @@ class FanotifyDetector(Detector):
         finally:
             self._record(key, event.pid)
             self._answer(event)
+
+    def _seed_in_flight(self, dev: int) -> None:
+        """Right after marking: record every thread already inside a write to a
+        file of the export's file system.  It got past no event of ours (it
+        began before this daemon, under a predecessor or none), so without a
+        record no arm() would wait for it and a lease could be granted under a
+        write still to land (a daemon restarted while a host write was in
+        write(2)).  Marked first, then scanned: a write that begins after the
+        scan raises an event."""
+        seeded = 0
+        for tid, tgid, key in fanotify.modifying_threads(dev):
+            flights = self._in_flight.setdefault(key, {})
+            if tid not in flights:
+                flights[tid] = _InFlight(tid, tgid)
+                seeded += 1
+        self.counters["seeded_in_flight"] = seeded
+        if seeded:
+            log.info("fanotify: %d thread(s) were already writing to files of the export's "
+                     "file system; those files are leased once they are done", seeded)
 
     def _record(self, key: tuple[int, int], tid: int) -> None:
         """Remember that thread `tid` got past an event on `key` (once per thread)."""

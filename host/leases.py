@@ -15,7 +15,9 @@ Clean-lease, per host inode (see docs/design.md for the picture):
 * The first modification (a guest WRITE/SETATTR/..., or a host-local
   pre-modify event) bumps `generation`, empties `holders` into a `Recall`
   and moves to RECALLING.  The modification waits until the daemon reports
-  the recall finished (`recall_finished`), then lands (`modification_landed`).
+  the recall finished (`recall_finished`), begins (`modification_begins`:
+  from now on it is in flight, and no lease is granted and no re-arm happens
+  until it has landed) and lands (`modification_landed`).
 * RECALLING and DIRTY: reads are answered without a lease.  A modification
   during RECALLING must wait for the recall (`WAIT`); during DIRTY it goes
   ahead at once and sends nothing.
@@ -100,6 +102,10 @@ class InodeLeases:
     # Modifications landed, and how many of them are known to be on disk.
     landed: int = 0
     flushed: int = 0
+    # Modifications begun (their recall is over) and not landed yet: their
+    # syscall may still be running on a worker thread.  No lease is granted
+    # and no re-arm happens while there is one.
+    in_flight: int = 0
     # Set by rearm_begin; a modification landing before rearm_finish voids it.
     rearm_at: int | None = None
     # Whether the detector is armed for this inode (a fanotify ignore mark
@@ -203,7 +209,7 @@ class LeaseTable:
         leases = self.inode(ino, is_dir=is_dir)
         if leases.state is not InodeState.CLEAN:
             return None
-        if not leases.armed or leases.names_changing:
+        if not leases.armed or leases.names_changing or leases.in_flight:
             return None
         if self.policy is Policy.OPEN_LEASE and any(leases.writers.values()):
             return None
@@ -277,10 +283,22 @@ class LeaseTable:
         if leases.state is InodeState.RECALLING:
             leases.state = leases.after_recall
 
-    def modification_landed(self, ino: int) -> int:
-        """A modification of `ino` has been applied; returns the count landed so far."""
+    def modification_begins(self, ino: int) -> None:
+        """A modification of `ino` may land from now on (its recall is over), and
+        will be reported with `modification_landed(ino, begun=True)`.  Until
+        then no lease on `ino` is granted and it is not re-armed: the
+        modification's system call may be running meanwhile (on a worker
+        thread, or blocked on the inode's lock)."""
+        self.inode(ino).in_flight += 1
+
+    def modification_landed(self, ino: int, *, begun: bool = False) -> int:
+        """A modification of `ino` has been applied (or failed, or was abandoned:
+        the daemon cannot know the file is unchanged); `begun` if it was
+        announced by `modification_begins`.  Returns the count landed so far."""
         leases = self.inode(ino)
         leases.landed += 1
+        if begun and leases.in_flight:
+            leases.in_flight -= 1
         leases.rearm_at = None
         if (self.policy is Policy.CLEAN_LEASE and leases.state is InodeState.CLEAN
                 and not leases.is_dir):
@@ -371,13 +389,15 @@ class LeaseTable:
             return False
         if leases.state is not InodeState.DIRTY or leases.flushed < leases.landed:
             return False
+        if leases.in_flight:
+            return False  # its landing schedules the next flush
         leases.rearm_at = leases.landed
         return True
 
     def rearm_finish(self, ino: int, page_cache_clean: bool) -> bool:
         """Report the cachestat check.  Returns True if `ino` is CLEAN again."""
         leases = self.inode(ino)
-        ok = (page_cache_clean and leases.state is InodeState.DIRTY
+        ok = (page_cache_clean and leases.state is InodeState.DIRTY and not leases.in_flight
               and leases.rearm_at is not None and leases.rearm_at == leases.landed)
         leases.rearm_at = None
         if ok:
@@ -391,7 +411,7 @@ class LeaseTable:
         leases = self._inodes.get(ino)
         if not self.leasing or leases is None or leases.armed:
             return False
-        if leases.state is not InodeState.CLEAN:
+        if leases.state is not InodeState.CLEAN or leases.in_flight:
             return False
         return not (self.policy is Policy.OPEN_LEASE and any(leases.writers.values()))
 
@@ -438,7 +458,7 @@ class LeaseTable:
         if leases.holders:
             leases.gone = True
             return
-        if leases.state is InodeState.RECALLING or leases.names_changing:
+        if leases.state is InodeState.RECALLING or leases.names_changing or leases.in_flight:
             return  # (not reachable while its writer holds the node id)
         del self._inodes[ino]
 

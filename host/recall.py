@@ -16,6 +16,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from host.leases import LeaseTable, Recall
 from host.session import HostConfig, HostStats, Session
@@ -23,6 +24,13 @@ from protocol.errors import ProtocolError
 from protocol.messages import Invalidate
 
 log = logging.getLogger("cleanlease.host")
+
+
+@dataclass
+class _Running:
+    """A data recall under way: the holders whose ACK it still waits for."""
+
+    owed: set[int]
 
 
 class Recaller:
@@ -37,6 +45,7 @@ class Recaller:
         self.forget_guest = forget_guest  # a guest's term ran out: drop what it held
         self.departed: dict[int, Session] = {}  # lost connections whose term runs on
         self._next_seq = 1
+        self._running: dict[int, list[_Running]] = {}  # inode -> its data recalls now running
 
     def connection_lost(self, session: Session) -> None:
         """`session` (no longer in `sessions`) lost its connection.  Unless its term
@@ -56,28 +65,46 @@ class Recaller:
         if self.departed.pop(session.guest_id, None) is session:
             self.forget_guest(session.guest_id)
 
-    async def carry_out(self, recall: Recall, make) -> None:
+    def owes(self, ino: int, guest: int) -> bool:
+        """Does `guest` owe the ACK of a data recall of `ino` now running?  Then
+        its purge of `ino` may be waiting for a page lock its kernel holds for
+        a READ of `ino`: such a READ must be answered, not held."""
+        return any(guest in recall.owed for recall in self._running.get(ino, ()))
+
+    async def carry_out(self, recall: Recall, make, *, data: bool = False) -> None:
         """Send one invalidation to each holder and wait for every ACK or fence.
 
         Invariant 2: this returns only when no holder can still serve the old
         data: it ACKed, or its term has surely run out (it was fenced, or its
         connection was lost that long ago).  The holders are waited for
         concurrently, so the wait is at most ack timeout + term (+ the clock
-        margin) however many of them are silent (invariant 3).
+        margin) however many of them are silent (invariant 3).  With `data`
+        (a recall of an inode's data), the holders that have not ACKed yet
+        are known meanwhile (`owes`).
         """
         started = time.monotonic_ns()
         self.stats.recalls += 1
+        running = _Running(set())
+        if data:
+            self._running.setdefault(recall.ino, []).append(running)
         try:
             waits = []
             for guest in recall.holders:
                 session = self.sessions.get(guest)
                 if session is not None and not session.closed and not session.fenced:
-                    waits.append(self._await_ack(session, self._send_invalidation(session, make)))
+                    running.owed.add(guest)
+                    waits.append(self._await_ack(session, self._send_invalidation(session, make),
+                                                 running))
                 elif (departed := self.departed.get(guest)) is not None:
                     self.stats.departed_waits += 1
                     waits.append(self._await_term_end(departed))
             await asyncio.gather(*waits)
         finally:
+            if data:
+                runs = self._running[recall.ino]
+                runs.remove(running)
+                if not runs:
+                    del self._running[recall.ino]
             waited = time.monotonic_ns() - started
             self.stats.recall_wait_max_ns = max(self.stats.recall_wait_max_ns, waited)
 
@@ -88,7 +115,7 @@ class Recaller:
         self._next_seq += 1
         message = make(seq)
         ack = asyncio.get_running_loop().create_future()
-        session.acks[seq] = ack  # from now on no reply renews this guest's term
+        session.owe(seq, ack)  # from now on no reply renews this guest's term
         try:
             session.send(message)
         except ProtocolError:
@@ -99,7 +126,7 @@ class Recaller:
             self.stats.inval_entries_sent += 1
         return ack
 
-    async def _await_ack(self, session: Session, ack: asyncio.Future) -> None:
+    async def _await_ack(self, session: Session, ack: asyncio.Future, running: "_Running") -> None:
         """Wait for one holder's ACK: up to the ack timeout, or up to the end of
         its term if that is later.  A holder that has not ACKed by then is
         fenced: its term has surely run out, so it serves nothing any more.
@@ -112,6 +139,8 @@ class Recaller:
             return
         except asyncio.TimeoutError:
             pass
+        finally:
+            running.owed.discard(session.guest_id)
         log.warning("guest %s (%d) did not ACK; fenced after its lease term", session.name,
                     session.guest_id)
         session.fenced = True

@@ -15,6 +15,7 @@ the modification only then, and flushes and re-arms dirty inodes.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import errno
 import functools
@@ -23,7 +24,7 @@ import logging
 import os
 import stat as stat_module
 import time
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 
 from host import cachestat, replies, statx
@@ -124,6 +125,11 @@ class HostDaemon:
         self.stats = HostStats()
         self._next_guest_id = 1
         self._recall_over: dict[int, asyncio.Future] = {}  # inode -> its recall has ended
+        # inode -> one future per modification waiting for its recall or landing
+        self._modifying: dict[int, set[asyncio.Future]] = {}
+        # Blocking system calls of guest requests (`run_blocking`).
+        self._workers = concurrent.futures.ThreadPoolExecutor(
+            max_workers=16, thread_name_prefix="cleanlease-io")
         self.recaller = Recaller(config, self.stats, self.leases, self.sessions, self._forget_guest)
         self.replies = replies.ReplyCache(per_client=config.max_in_flight)
         self._flush_timers: dict[int, asyncio.TimerHandle] = {}
@@ -175,6 +181,8 @@ class HostDaemon:
         for task in list(self._tasks):
             task.cancel()
         await self.detector.stop()
+        # A write still blocked in the kernel finishes on its own; do not wait for it.
+        self._workers.shutdown(wait=False, cancel_futures=True)
         self.boot_marker.closed(leases_may_live=self.stats.sessions > 0)
 
     # --- connections and the handshake -----------------------------------------
@@ -436,6 +444,66 @@ class HostDaemon:
         self.detector.watch(nodeid, is_dir)
         return LeaseGrant(nodeid, grant.generation, self.config.lease_term_ms, LEASE_GRANTED)
 
+    async def before_unleased_reply(self, session: Session, nodeid: int) -> None:
+        """Call before reading what a reply about regular inode `nodeid` carries
+        (data, attributes), and build that reply in the step this returns in.
+        Only for requests a guest's kernel sends holding no lock but the pages'
+        of `nodeid` (READ, GETATTR, a read-only OPEN; not LOOKUP, sent with the
+        directory locked).
+
+        A guest whose cache keeps unleased replies (a mount) is held back while
+        a recall of `nodeid` runs, and then until every modification that was
+        waiting for it or was in flight has landed: its reply then carries the
+        new bytes, and no writer has to recall it for them.  But only while it
+        owes no ACK at all: a purge its kernel carries out for an ACK may wait
+        for the page lock it holds for this very READ (or for a notifier
+        thread busy with such a purge).  So a guest that owes one is answered
+        at once, and one held back is answered as soon as it starts to owe one
+        (`Session.when_owing`); it is then tainted, and recalled again once the
+        modification has landed if the recall was still running.  Other guests
+        return at once.
+        """
+        if not (session.caches_unleased and self.leases.leasing):
+            return
+        counted = landing_waited = False
+        while not session.acks and not session.closed:
+            if (over := self._recall_over.get(nodeid)) is not None:
+                waits = [over]
+                landing_waited = False  # that recall's writers land next
+            elif not landing_waited and (landing := self._modifying.get(nodeid)):
+                waits = list(landing)
+                landing_waited = True  # once per recall: later writers hold nobody back
+            else:
+                return
+            if not counted:
+                counted = True
+                self.stats.unleased_reads_held += 1
+            for event in waits:
+                if session.acks:
+                    break  # it owes an ACK now: answer at once
+                await asyncio.wait({event, session.when_owing()},
+                                   return_when=asyncio.FIRST_COMPLETED)
+
+    async def run_blocking(self, call, *args):
+        """Run `call(*args)` (a system call that may block: a write waiting for
+        an inode lock a host process holds) on a worker thread, and return its
+        result; the event loop serves everyone else meanwhile.  Cancelling the
+        caller does not abandon the call: this returns (raising CancelledError)
+        only once the call is over, so a modification's end is never counted
+        while its write may still land."""
+        future = asyncio.get_running_loop().run_in_executor(self._workers, call, *args)
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            while not future.done():
+                try:
+                    await asyncio.shield(future)
+                except asyncio.CancelledError:
+                    continue
+                except BaseException:
+                    break
+            raise
+
     async def _after_restart_grace(self) -> None:
         """Wait until no lease a predecessor on this export granted can be live."""
         remaining = self._grace_until - time.monotonic()
@@ -515,25 +583,45 @@ class HostDaemon:
         FailedModification carrying the trailer (`revoked`) that publishes the
         inode's new generation to the writer.
         """
-        first, late = await self._modify(nodeid, writer, is_dir=is_dir)
+        await self._after_restart_grace()  # before it can hold readers back (_landing)
+        with self._landing(nodeid):
+            first, late = await self._modify(nodeid, writer, is_dir=is_dir)
+            self.leases.modification_begins(nodeid)
+            try:
+                yield Modification(nodeid, first)
+            except OSError as exc:
+                raise FailedModification(exc, self.revoked(nodeid, first)) from exc
+            else:
+                # Guests that cache unleased replies and were sent `nodeid`
+                # while its recall ran, without being held back
+                # (`before_unleased_reply`), hold the bytes this modification
+                # just replaced: purge them before the writer learns it is done.
+                if late:
+                    await self._recall_late(nodeid, late)
+            finally:
+                self.modified(nodeid, begun=True)
+
+    @contextmanager
+    def _landing(self, nodeid: int):
+        """While inside, a modification of `nodeid` waits for its recall or is
+        landing: readers held back by `before_unleased_reply` wait for it."""
+        done = asyncio.get_running_loop().create_future()
+        self._modifying.setdefault(nodeid, set()).add(done)
         try:
-            yield Modification(nodeid, first)
-        except OSError as exc:
-            raise FailedModification(exc, self.revoked(nodeid, first)) from exc
-        else:
-            # Guests that cache unleased replies and read `nodeid` while its
-            # recall ran hold the bytes this modification just replaced: purge
-            # them before the writer learns its modification is done.
-            if late:
-                await self._recall_late(nodeid, late)
+            yield
         finally:
-            self.modified(nodeid)
+            landing = self._modifying[nodeid]
+            landing.discard(done)
+            if not landing:
+                del self._modifying[nodeid]
+            done.set_result(None)
 
     async def _recall_late(self, nodeid: int, guests: frozenset[int]) -> None:
+        self.stats.late_recalls += len(guests)
         leases = self.leases.peek(nodeid)
         generation = leases.generation if leases else 0
         await self.recaller.carry_out(Recall(nodeid, generation, guests), lambda seq: Invalidate(
-            seq, nodeid, 0, 0, generation))
+            seq, nodeid, 0, 0, generation), data=True)
 
     async def _modify(self, nodeid: int, writer: int, *,
                       is_dir: bool = False) -> tuple[bool, frozenset[int]]:
@@ -556,9 +644,10 @@ class HostDaemon:
             self.detector.disarm(nodeid)  # see open_for_write
         return False, frozenset()
 
-    def modified(self, nodeid: int) -> None:
-        """A modification of `nodeid` has landed: schedule the flush that cleans it."""
-        self.leases.modification_landed(nodeid)
+    def modified(self, nodeid: int, *, begun: bool = False) -> None:
+        """A modification of `nodeid` has landed (`begun`: announced by
+        `modification_begins`): schedule the flush that cleans it."""
+        self.leases.modification_landed(nodeid, begun=begun)
         if self.leases.policy is Policy.CLEAN_LEASE:
             self._schedule_flush(nodeid)
 
@@ -591,7 +680,7 @@ class HostDaemon:
             return None
         over = self._recall_over[nodeid] = asyncio.get_running_loop().create_future()
         waits = self._spawn(self.recaller.carry_out(decision, lambda seq: Invalidate(
-            seq, decision.ino, 0, 0, decision.generation)))
+            seq, decision.ino, 0, 0, decision.generation), data=True))
 
         def end(cancelled: bool) -> None:
             self._recall_over.pop(nodeid, None)
@@ -608,16 +697,16 @@ class HostDaemon:
         end(cancelled=False)
         return self.leases.read_while_recalling(nodeid)
 
+    def nodeid_of_name(self, parent: int, name: bytes) -> int | None:
+        """The node id of the inode `name` in `parent` names now (`ExportFS.peek`)."""
+        return self.fs.peek(parent, name)
+
     def before_create(self, parent: int, name: bytes) -> None:
         """CREATE may open an existing file for write: under open-lease, drop the
         kernel lease of whatever inode has that name now (see open_for_write)."""
         if self.leases.policy is not Policy.OPEN_LEASE:
             return
-        try:
-            st = os.stat(name, dir_fd=self.fs.inodes.host_fd(parent), follow_symlinks=False)
-        except (OSError, ValueError):
-            return
-        nodeid = self.fs.inodes.lookup_key(st.st_dev, st.st_ino)
+        nodeid = self.nodeid_of_name(parent, name)
         if nodeid is not None:
             self.detector.disarm(nodeid)
 
@@ -664,7 +753,9 @@ class HostDaemon:
         check before the next re-arm sees what the write dirtied.
         """
         self.stats.host_local_events += 1
-        first, late = await self._modify(nodeid, HOST_LOCAL)
+        await self._after_restart_grace()
+        with self._landing(nodeid):
+            first, late = await self._modify(nodeid, HOST_LOCAL)
         if first:
             self.modified(nodeid)
         if late:  # the kernel lands the write when it will: recall them at once

@@ -72,6 +72,14 @@ class HostStats:
     departed_waits: int = 0
     renewals_withheld: int = 0  # replies sent with LEASE_NOT_RENEWED (an ACK was owed)
     noreply_errors: int = 0  # requests without a reply (FORGET) that failed
+    # Replies to guests that cache unleased replies (mounts) held back until a
+    # recall and the modifications behind it were over (docs/design.md,
+    # "Readers during a recall").
+    unleased_reads_held: int = 0
+    # Guests recalled again once a modification landed: they were sent the
+    # inode without a lease while its recall ran, and could not be held back
+    # (they owed its ACK, or asked by LOOKUP).
+    late_recalls: int = 0
 
     def as_dict(self) -> dict:
         d = dict(self.__dict__)
@@ -105,6 +113,7 @@ class Session:
         self.closed = False
         self.write_handles: dict[int, int] = {}  # fh -> nodeid, for open-lease
         self.acks: dict[int, asyncio.Future] = {}
+        self._owing: asyncio.Future | None = None  # when_owing
         self.host_nonce = b""  # the AUTH challenge sent in the HELLO reply
         self.handshake_timer: asyncio.TimerHandle | None = None
 
@@ -117,6 +126,21 @@ class Session:
         data = self.conn.send(message)
         self.stats.bytes_to_guests += len(data)
         self.transport.write(data)
+
+    def owe(self, seq: int, ack: asyncio.Future) -> None:
+        """An invalidation `seq` is being sent to this guest; `ack` resolves on its
+        ACK.  From now on no reply renews its term (`renews`), and whoever
+        waits in `when_owing` is woken."""
+        self.acks[seq] = ack
+        if self._owing is not None:
+            self._owing.set_result(None)
+            self._owing = None
+
+    def when_owing(self) -> asyncio.Future:
+        """A future that resolves when this guest next starts to owe an ACK (`owe`)."""
+        if self._owing is None:
+            self._owing = asyncio.get_running_loop().create_future()
+        return self._owing
 
     def lease_expiry(self) -> float:
         """The instant after which this guest surely serves nothing from its cache,

@@ -60,15 +60,17 @@ class RawGuest(asyncio.Protocol):
         self.sent_at: dict[int, float] = {}  # unique -> time.monotonic() when sent
 
     @classmethod
-    async def connect(cls, address: str, name: str = "raw",
-                      client_id: bytes | None = None) -> "RawGuest":
+    async def connect(cls, address: str, name: str = "raw", client_id: bytes | None = None,
+                      features: int = wire.SUPPORTED_FEATURES) -> "RawGuest":
+        """Connect and say HELLO offering `features` (add FEATURE_CACHES_UNLEASED
+        to be treated as a mount is)."""
         loop = asyncio.get_running_loop()
         self = cls(name, client_id or os.urandom(wire.CLIENT_ID_SIZE))
         where = parse_address(address)
         await loop.create_unix_connection(lambda: self, where.path)
         hello = loop.create_future()
         self._replies[-1] = hello
-        self.transport.write(self.conn.send(Hello(wire.PROTOCOL_VERSION, wire.SUPPORTED_FEATURES,
+        self.transport.write(self.conn.send(Hello(wire.PROTOCOL_VERSION, features,
                                                   wire.DEFAULT_MAX_FRAME, name, self.client_id)))
         self.hello = await asyncio.wait_for(hello, 10)
         assert self.hello.error == 0, self.hello
@@ -85,8 +87,8 @@ class RawGuest(asyncio.Protocol):
             match event:
                 case HelloReply():
                     self._replies.pop(-1).set_result(event)
-                case FsReply():
-                    self._replies.pop(event.unique).set_result(event)
+                case FsReply():  # kept: `reply` may be asked for it later, or twice
+                    self._replies[event.unique].set_result(event)
                 case HeartbeatReply():
                     self._heartbeats.pop(event.seq).set_result(event)
                 case Invalidate() | InvalEntry():

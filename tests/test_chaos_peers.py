@@ -284,6 +284,54 @@ def test_the_report_lists_every_broken_promise():
 # --- what `make chaos` found (issue 11): forced once each, failing until fixed --------------
 
 
+@pytest.mark.parametrize("mode", ["direct", "buffered"])
+def test_a_host_write_inside_write2_across_a_daemon_restart_is_not_leased_over(
+        export, start_host, tmp_path, mode):
+    """Found by `make chaos` (restart-host-write-in-flight, a documented gap
+    until now): a host write that got past the old daemon's event, still inside
+    write(2) when a new daemon starts, raised no event the new daemon saw, so
+    its first read was leased and the write then landed under that lease.  The
+    new daemon now scans for such threads right after marking the export
+    (`FanotifyDetector._seed_in_flight`), and arms the file only once they are
+    done."""
+    from host.fanotify_detector import FanotifyDetector
+    from protocol.messages import Read
+    from workload.chaos_peers import RawSession
+
+    ok, why = FanotifyDetector.usable(str(export))
+    if not ok:
+        pytest.skip(f"fanotify detector unavailable: {why}")
+    _stamped_file(export / "f.dat")
+    args = ("--ack-timeout", str(ACK_MS), "--lease-term", str(TERM_MS), "--detector", "fanotify")
+    host, address = start_host(export, *args)
+    writer = Peer(tmp_path, "hw", "host-write", str(export), "--mode", mode, "--writes", "1",
+                  "--hold", "--files", "f.dat:0:4", "--writer-id", "11", stdin=True)
+    try:
+        assert writer.line() == "READY"
+        said = writer.line()
+        if said != "INSIDE":
+            pytest.skip(f"the writer could not stall inside write(2): {said}")
+        host.proc.kill()
+        host.proc.wait(10)
+        start_host(export, *args, address=address)
+
+        async def reads(count: int) -> list[bool]:
+            reader = await RawSession.open(address, "reader", None, auto_ack=True)
+            nodeid, fh = await reader.open_file("f.dat", os.O_RDONLY)
+            granted = [(await reader.call(nodeid, Read(fh, 0, 4096))).lease.granted
+                       for _ in range(count)]
+            reader.close()
+            return granted
+
+        inside = asyncio.run(reads(3))  # the write is still inside write(2)
+    finally:
+        writer.tell("RELEASE")
+        writer.stats()
+    assert inside == [False, False, False]
+    after = asyncio.run(reads(2))  # it has landed: leased again (the first read arms)
+    assert after[-1] is True, after
+
+
 def test_a_restarted_host_waits_out_the_terms_its_previous_boot_granted(export, start_host):
     """Found by `make chaos` (restart-guest-write-in-flight), a strict xfail until
     host/boot.py: a restarted host let a write land at once, inside a lease its
@@ -319,48 +367,86 @@ def test_a_restarted_host_waits_out_the_terms_its_previous_boot_granted(export, 
     assert landed >= term_end, f"landed {(term_end - landed) / 1e6:.0f} ms inside the old lease"
 
 
-@pytest.mark.xfail(strict=True, reason="finding (make chaos, host-buffered-long): the daemon's "
-                   "pwrite for a guest runs on its event loop, so a guest WRITE to a file whose "
-                   "inode lock a host-local writer holds (inside write(2)) stops the whole "
-                   "daemon (D state in ext4_buffered_write_iter): no guest is answered, no "
-                   "heartbeat, no fanotify event, and SIGKILL cannot end it, for as long as "
-                   "the host writer is inside.  Needs the blocking call off the loop (host/*).")
-def test_a_guest_write_waiting_for_an_inode_lock_does_not_stop_the_daemon(
-        export, start_host, tmp_path):
-    from protocol.messages import Getattr, Write
-    from workload.chaos_peers import RawSession
-
-    _stamped_file(export / "f.dat")
-    _, address = start_host(export, "--detector", "none")
+def _writer_inside_write(tmp_path, export) -> "Peer":
+    """A host-local writer stopped inside write(2) on f.dat: it holds the inode's
+    lock (ext4_buffered_write_iter) until told RELEASE; nothing written yet."""
     writer = Peer(tmp_path, "hw", "host-write", str(export), "--mode", "buffered", "--writes",
                   "1", "--hold", "--files", "f.dat:0:4", "--writer-id", "11", stdin=True)
     assert writer.line() == "READY"
     said = writer.line()
     if said != "INSIDE":
+        writer.tell("RELEASE")
         pytest.skip(f"the writer could not stall inside write(2): {said}")
+    return writer
+
+
+def test_a_guest_write_waiting_for_an_inode_lock_does_not_stop_the_daemon(
+        export, start_host, tmp_path):
+    """Found by make chaos (host-buffered-long).  Before the fix the daemon's
+    pwrite ran on its event loop: a guest WRITE to a file whose inode lock a
+    host-local writer holds stopped the whole daemon (D state), no guest
+    answered, for as long as the host writer was inside write(2)."""
+    from protocol.messages import Getattr, Write
+    from workload.chaos_peers import RawSession
+
+    _stamped_file(export / "f.dat")
+    _, address = start_host(export, "--detector", "none", "--clean-after", "100000")
 
     async def run():
         w = await RawSession.open(address, "w", None, auto_ack=True)
         r = await RawSession.open(address, "r", None, auto_ack=True)
         nodeid, fh = await w.open_file("f.dat", os.O_RDWR)
-        blocked = asyncio.ensure_future(w.call(nodeid, Write(fh, 4096, b"G" * 16)))
+        # DIRTY from now on: the next WRITE has no recall to wait for, so the
+        # daemon reaches its pwrite in the step that received it.
+        assert (await w.call(nodeid, Write(fh, 8192, b"F" * 16))).error == 0
+        writer = _writer_inside_write(tmp_path, export)
         try:
-            # The daemon has the WRITE once it answers what was sent after it.
-            await asyncio.wait_for(asyncio.shield(blocked), 0.2)
-        except asyncio.TimeoutError:
-            pass
-        try:
+            blocked = asyncio.ensure_future(w.call(nodeid, Write(fh, 4096, b"G" * 16)))
+            await asyncio.sleep(0)  # one turn of the loop: that task sends its WRITE now
             reply = await asyncio.wait_for(r.call(1, Getattr()), 2.0)
-            return reply.error
+            return reply.error, blocked.done()
         except asyncio.TimeoutError:
-            return "no reply to another guest within 2 s"
+            return "no reply to another guest within 2 s", blocked.done()
         finally:
             writer.tell("RELEASE")
+            writer.stats()
             await asyncio.wait_for(blocked, 30)
 
-    try:
-        outcome = asyncio.run(run())
-    finally:
-        writer.tell("RELEASE")
-        writer.stats()
-    assert outcome == 0, outcome
+    assert asyncio.run(run()) == (0, False)
+
+
+def test_no_lease_is_granted_while_a_guest_write_is_still_inside_its_system_call(
+        export, start_host, tmp_path):
+    """A guest WRITE blocked on the inode lock (its pwrite on a worker thread) is
+    a modification in flight: an FSYNC that completes meanwhile must not make
+    the inode CLEAN again, or a reader would be granted the bytes the WRITE is
+    about to replace, and nobody would recall it.  Before the fix the daemon
+    stopped altogether (the FSYNC was never answered); with the write off the
+    loop but no in-flight count, the READ after the FSYNC was granted."""
+    from protocol.messages import Fsync, Read, Write
+    from workload.chaos_peers import RawSession
+
+    _stamped_file(export / "f.dat")
+    _, address = start_host(export, "--detector", "none", "--clean-after", "100000")
+
+    async def run():
+        w = await RawSession.open(address, "w", None, auto_ack=True)
+        r = await RawSession.open(address, "r", None, auto_ack=True)
+        nodeid, fh = await w.open_file("f.dat", os.O_RDWR)
+        assert (await w.call(nodeid, Write(fh, 8192, b"F" * 16))).error == 0  # DIRTY now
+        holder = _writer_inside_write(tmp_path, export)
+        try:
+            blocked = asyncio.ensure_future(w.call(nodeid, Write(fh, 4096, b"G" * 16)))
+            await asyncio.sleep(0)  # one turn of the loop: that task sends its WRITE now
+            synced = await asyncio.wait_for(w.call(nodeid, Fsync(fh)), 5.0)
+            assert synced.error == 0 and not blocked.done()
+            r_node, r_fh = await r.open_file("f.dat", os.O_RDONLY)
+            read = await r.call(r_node, Read(r_fh, 0, 4096))
+            granted_while_in_flight = read.lease.granted
+        finally:
+            holder.tell("RELEASE")
+            holder.stats()
+        assert (await asyncio.wait_for(blocked, 30)).error == 0
+        return granted_while_in_flight
+
+    assert asyncio.run(run()) is False

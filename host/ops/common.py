@@ -7,8 +7,10 @@ which the daemon turns into an errno reply (host/server.py).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import stat
+from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING
 
 from host.session import Session
@@ -18,8 +20,39 @@ if TYPE_CHECKING:  # the daemon imports the handlers: name its type only for che
 else:
     Daemon = object
 
-__all__ = ["Daemon", "Session", "is_dir"]
+__all__ = ["Daemon", "Session", "enter_together", "is_dir"]
 
 
 def is_dir(st: os.stat_result) -> bool:
     return stat.S_ISDIR(st.st_mode)
+
+
+async def enter_together(stack: AsyncExitStack, *managers) -> None:
+    """Enter the async context managers `managers` at once, so that their waits
+    (recalls) overlap instead of adding up, and push each one entered onto
+    `stack`, which exits them.  If any fails to enter (or this is cancelled),
+    the others still finish entering and are pushed, so that `stack` exits
+    them too; the first error is raised."""
+    entering = [asyncio.ensure_future(m.__aenter__()) for m in managers]
+    try:
+        await asyncio.wait(entering)
+    except asyncio.CancelledError:
+        for task in entering:
+            task.cancel()
+        while not all(task.done() for task in entering):
+            try:
+                await asyncio.wait(entering)
+            except asyncio.CancelledError:
+                continue
+        error: BaseException | None = asyncio.CancelledError()
+    else:
+        error = None
+    for manager, task in zip(managers, entering):
+        if task.cancelled():
+            error = error or asyncio.CancelledError()
+        elif task.exception() is not None:
+            error = error or task.exception()
+        else:
+            stack.push_async_exit(manager)
+    if error is not None:
+        raise error

@@ -1,4 +1,9 @@
-"""Handlers of file data: READ (which may grant a lease) and WRITE (a modification)."""
+"""Handlers of file data: READ (which may grant a lease) and WRITE (a modification).
+
+A WRITE's pwrite runs on a worker thread (`daemon.run_blocking`) inside its
+`daemon.modification`: the inode is leased to nobody and not re-armed until
+it has returned.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ async def read(d: Daemon, s: Session, r: FsRequest) -> FsReply:
     op = r.op
     limit = s.conn.max_frame - 64  # room for the headers and the lease trailer
     nodeid = d.fs.nodeid_of_handle(s.guest_id, op.fh)
+    await d.before_unleased_reply(s, nodeid)
     data = d.fs.read(s.guest_id, op.fh, op.offset, min(op.size, limit))
     return FsReply(r.unique, 0, ReadOut(data), d.lease_for(s, nodeid))
 
@@ -17,6 +23,8 @@ async def read(d: Daemon, s: Session, r: FsRequest) -> FsReply:
 async def write(d: Daemon, s: Session, r: FsRequest) -> FsReply:
     op = r.op
     nodeid = d.fs.nodeid_of_handle(s.guest_id, op.fh)
+    write = d.fs.write_call(s.guest_id, op.fh, op.offset, op.data)  # refuses bad input now
     async with d.modification(nodeid, s.guest_id) as m:
-        written = d.fs.write(s.guest_id, op.fh, op.offset, op.data)
+        # On a worker: a host process inside write(2) holds the inode's lock.
+        written = await d.run_blocking(write)
     return FsReply(r.unique, 0, WriteOut(written), d.revoked(nodeid, m.first))

@@ -9,13 +9,15 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+from contextlib import AsyncExitStack
 
-from host.ops.common import Daemon, Session, is_dir
+from host.ops.common import Daemon, Session, enter_together, is_dir
 from protocol.fuse import FATTR_ATIME, FATTR_FH, FATTR_MODE, FATTR_MTIME, FATTR_SIZE
 from protocol.messages import CreateOut, EmptyOut, FsReply, FsRequest, OpenOut
 
 
 async def get_attr(d: Daemon, s: Session, r: FsRequest) -> FsReply:
+    await d.before_unleased_reply(s, r.nodeid)
     st = d.fs.getattr(s.guest_id, r.nodeid)
     return FsReply(r.unique, 0, d.attr_out(st), d.lease_for(s, r.nodeid, is_dir=is_dir(st)))
 
@@ -46,6 +48,8 @@ async def open_file(d: Daemon, s: Session, r: FsRequest) -> FsReply:
     writing = _writes(flags)
     if writing:
         await d.open_for_write(r.nodeid, s.guest_id)
+    else:
+        await d.before_unleased_reply(s, r.nodeid)
     try:
         if flags & os.O_TRUNC:
             async with d.modification(r.nodeid, s.guest_id):
@@ -67,14 +71,26 @@ async def open_file(d: Daemon, s: Session, r: FsRequest) -> FsReply:
 async def create_file(d: Daemon, s: Session, r: FsRequest) -> FsReply:
     op = r.op
     d.fs.getattr(s.guest_id, r.nodeid)
-    async with d.namespace_change(s.guest_id, (r.nodeid, op.name)):
+    # O_TRUNC on an existing file is a modification of that file too: its
+    # recall runs at the same time as the name's (one wait, not two).
+    existing = d.nodeid_of_name(r.nodeid, op.name) if op.flags & os.O_TRUNC else None
+    truncated = False
+    async with AsyncExitStack() as stack:
+        changes = [d.namespace_change(s.guest_id, (r.nodeid, op.name))]
+        if existing is not None:
+            changes.append(d.modification(existing, s.guest_id))
+        await enter_together(stack, *changes)
         d.before_create(r.nodeid, op.name)
-        # O_TRUNC on an existing file is a modification: it must wait for the recall.
-        flags = op.flags & ~os.O_TRUNC
-        nodeid, st, fh = d.fs.create(s.guest_id, r.nodeid, op.name, flags, op.mode & ~op.umask)
+        # Truncated only inside that file's modification.
+        nodeid, st, fh = d.fs.create(s.guest_id, r.nodeid, op.name, op.flags & ~os.O_TRUNC,
+                                     op.mode & ~op.umask)
+        if nodeid == existing and st.st_size:
+            st = d.fs.setattr(s.guest_id, nodeid, size=0, fh=fh)
+            truncated = True
     await d.open_for_write(nodeid, s.guest_id)
     s.write_handles[fh] = nodeid
-    if op.flags & os.O_TRUNC and st.st_size:
+    if op.flags & os.O_TRUNC and st.st_size and not truncated:
+        # The name came to another non-empty file in between: a second wait.
         async with d.modification(nodeid, s.guest_id):
             st = d.fs.setattr(s.guest_id, nodeid, size=0, fh=fh)
     return FsReply(r.unique, 0, CreateOut(d.entry_out(nodeid, st), OpenOut(fh)), d.revoked(nodeid))

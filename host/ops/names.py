@@ -12,6 +12,9 @@ from protocol.messages import DirEntry, EmptyOut, FsReply, FsRequest, ReaddirOut
 
 
 async def lookup(d: Daemon, s: Session, r: FsRequest) -> FsReply:
+    # Not held back like a READ (`before_unleased_reply`): a mount's kernel
+    # holds the directory's lock during a lookup, and a purge of a name in it
+    # that the guest owes would wait for that lock.
     nodeid, st = d.fs.lookup(s.guest_id, r.nodeid, r.op.name)
     # While a name in the directory is being recalled, the entry may not be cached.
     cacheable = not d.leases.names_changing(r.nodeid)
