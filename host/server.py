@@ -575,7 +575,9 @@ class HostDaemon:
 
         On entry, waits until no other guest can serve its copy of `nodeid`
         (`_modify`); `m.first` says whether this modification started the
-        recall.  The body must modify with no await in between.  Every exit of
+        recall.  From then until the body exits the modification is *in
+        flight*: no lease on `nodeid` is granted and it is not re-armed, so the
+        body may await (its system call on a worker: `run_blocking`).  Every exit of
         the body, success, an errno or a cancellation, counts the modification
         as landed and schedules the flush that leads back to CLEAN
         (`modified`), since after the recall the daemon cannot know the file
@@ -629,11 +631,11 @@ class HostDaemon:
 
         Returns (first, late): first is True if this modification is the first
         dirtying one (it started a recall); late are the guests that cache
-        unleased replies and read `nodeid` while the recall ran (they were
-        answered at once: a READ held back there would keep its page locked
-        in the guest's kernel and deadlock the guest's purge).  Must be
+        unleased replies and were sent `nodeid` while the recall ran without
+        being held back (`before_unleased_reply`: they owed an ACK).  Must be
         followed, with no await in between, by the modification and
-        `modified(nodeid)`, and then by a recall of `late`.
+        `modified(nodeid)`, or by `modification_begins(nodeid)`; and then by a
+        recall of `late`.
         """
         late = await self._recall_for(nodeid, lambda: self.leases.begin_modification(
             nodeid, writer, is_dir=is_dir))
@@ -664,7 +666,8 @@ class HostDaemon:
         and carry out the Recall it answers, if any.  None if there was none.
         Else every other copy of `nodeid` is gone (invariant 2) but those of the
         guests returned (`LeaseTable.read_while_recalling`), and the caller
-        must land its modification in this same step (no await in between).
+        must land its modification, or announce it (`modification_begins`), in
+        this same step (no await in between).
 
         The recall ends (`recall_finished`) in the caller's own step, right
         before the modification lands: ended any earlier, in the recall's task,

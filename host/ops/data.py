@@ -23,8 +23,8 @@ async def read(d: Daemon, s: Session, r: FsRequest) -> FsReply:
 async def write(d: Daemon, s: Session, r: FsRequest) -> FsReply:
     op = r.op
     nodeid = d.fs.nodeid_of_handle(s.guest_id, op.fh)
-    write = d.fs.write_call(s.guest_id, op.fh, op.offset, op.data)  # refuses bad input now
     async with d.modification(nodeid, s.guest_id) as m:
-        # On a worker: a host process inside write(2) holds the inode's lock.
+        write = d.fs.write_call(s.guest_id, op.fh, op.offset, op.data)  # its own dup of the fd
+        # On a worker: a host process inside write(2) may hold the inode's lock.
         written = await d.run_blocking(write)
     return FsReply(r.unique, 0, WriteOut(written), d.revoked(nodeid, m.first))
