@@ -429,6 +429,22 @@ def modifying_threads(dev: int):
                 yield tid, tgid, (st.st_dev, st.st_ino)
 
 
+def writers_by_file(dev: int) -> dict[tuple[int, int], set[int]]:
+    """For every regular file of device ``dev`` some process (not the caller)
+    has open for writing: the set of those processes (tgids)."""
+    writers: dict[tuple[int, int], set[int]] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit() and int(name) != os.getpid():
+            for key in _files_open_for_write(int(name), dev):
+                writers.setdefault(key, set()).add(int(name))
+    return writers
+
+
+def has_open_for_write(tgid: int, key: tuple[int, int]) -> bool:
+    """Does process ``tgid`` still have file ``key`` open for writing?"""
+    return key in _files_open_for_write(tgid, key[0])
+
+
 def _files_open_for_write(tgid: int, dev: int) -> list[tuple[int, int]]:
     keys = []
     try:

@@ -81,6 +81,7 @@ import fcntl
 import logging
 import os
 import resource
+import time
 from dataclasses import dataclass
 
 from host import bindmount, fanotify
@@ -93,6 +94,7 @@ from protocol.messages import Detector as DetectorKind
 log = logging.getLogger("cleanlease.fanotify")
 
 MAX_CONCURRENT_RECALLS = 64  # writers held at once while their recalls run; reads never wait
+UNMARKED_RECHECK_S = 0.1  # how often a file open for writing from before the mark is checked
 MAX_COOLED = 16384  # ignore marks put on inodes no guest knows (each pins an inode in memory)
 
 
@@ -182,12 +184,16 @@ class FanotifyDetector(Detector):
         self._slots: asyncio.Semaphore | None = None
         # inode -> tid -> record: the threads that got past an event on it
         self._in_flight: dict[tuple[int, int], dict[int, _InFlight]] = {}
+        # file -> processes that had it open for writing before our mark (start)
+        self._unmarked_writers: dict[tuple[int, int], set[int]] = {}
+        self._unmarked_checked: dict[tuple[int, int], float] = {}  # key -> last check
         self._marked: set[tuple[int, int]] = set()  # inodes carrying our ignore mark (cooled)
         self._unseen: set[tuple[int, int]] = set()  # carried one since their last good arm()
         self._cooled = 0  # ignore marks put, ever
         self._prune_at = 1024
         self.counters = dict(reads=0, modifications=0, unknown_inode=0, dirty=0, recalls=0,
-                             mmap_writes=0, errors=0, not_quiescent=0, seeded_in_flight=0)
+                             mmap_writes=0, errors=0, not_quiescent=0, seeded_in_flight=0,
+                             unmarked_writable_files=0)
 
     # --- can it run here? ---------------------------------------------------------
 
@@ -405,6 +411,11 @@ class FanotifyDetector(Detector):
         write still to land (a daemon restarted while a host write was in
         write(2)).  Marked first, then scanned: a write that begins after the
         scan raises an event."""
+        # Files processes had open for writing before the mark: those fds are on
+        # the mount underneath (or a predecessor's bind), so their writes raise
+        # no event of ours.  Such a file is not armed while one is still open.
+        self._unmarked_writers = fanotify.writers_by_file(dev)
+        self.counters["unmarked_writable_files"] = len(self._unmarked_writers)
         seeded = 0
         for tid, tgid, key in fanotify.modifying_threads(dev):
             flights = self._in_flight.setdefault(key, {})
@@ -450,9 +461,20 @@ class FanotifyDetector(Detector):
         self._cooled += 1
 
     def _quiescent(self, key: tuple[int, int]) -> bool:
-        """No modification let through on `key` may still be on its way."""
+        """No modification let through on `key` may still be on its way, and no
+        process holds it open for writing through an fd we cannot see."""
         if self._in_flight.get(key) and not self._prune(key):
             return False
+        if (tgids := self._unmarked_writers.get(key)) is not None:
+            now = time.monotonic()
+            if now < self._unmarked_checked.get(key, 0.0) + UNMARKED_RECHECK_S:
+                return False  # each check reads the fds of those processes: not on every READ
+            self._unmarked_checked[key] = now
+            tgids -= {t for t in tgids if not fanotify.has_open_for_write(t, key)}
+            if tgids:
+                return False
+            del self._unmarked_writers[key]
+            self._unmarked_checked.pop(key, None)
         if len(self._in_flight) > self._prune_at:  # records of inodes nobody re-arms
             for other in list(self._in_flight):
                 # A marked inode's records count when its mark comes off (arm).

@@ -380,6 +380,21 @@ def _writer_inside_write(tmp_path, export) -> "Peer":
     return writer
 
 
+async def _writer_of_a_dirty_file(address: str):
+    """(writer session, another session, nodeid, fh) with f.dat open for write
+    and DIRTY (written once; run the host with a long --clean-after): the next
+    WRITE has no recall to wait for, so the daemon reaches its pwrite in the
+    step that received it."""
+    from protocol.messages import Write
+    from workload.chaos_peers import RawSession
+
+    w = await RawSession.open(address, "w", None, auto_ack=True)
+    r = await RawSession.open(address, "r", None, auto_ack=True)
+    nodeid, fh = await w.open_file("f.dat", os.O_RDWR)
+    assert (await w.call(nodeid, Write(fh, 8192, b"F" * 16))).error == 0
+    return w, r, nodeid, fh
+
+
 def test_a_guest_write_waiting_for_an_inode_lock_does_not_stop_the_daemon(
         export, start_host, tmp_path):
     """Found by make chaos (host-buffered-long).  Before the fix the daemon's
@@ -393,12 +408,7 @@ def test_a_guest_write_waiting_for_an_inode_lock_does_not_stop_the_daemon(
     _, address = start_host(export, "--detector", "none", "--clean-after", "100000")
 
     async def run():
-        w = await RawSession.open(address, "w", None, auto_ack=True)
-        r = await RawSession.open(address, "r", None, auto_ack=True)
-        nodeid, fh = await w.open_file("f.dat", os.O_RDWR)
-        # DIRTY from now on: the next WRITE has no recall to wait for, so the
-        # daemon reaches its pwrite in the step that received it.
-        assert (await w.call(nodeid, Write(fh, 8192, b"F" * 16))).error == 0
+        w, r, nodeid, fh = await _writer_of_a_dirty_file(address)
         writer = _writer_inside_write(tmp_path, export)
         try:
             blocked = asyncio.ensure_future(w.call(nodeid, Write(fh, 4096, b"G" * 16)))
@@ -430,10 +440,7 @@ def test_no_lease_is_granted_while_a_guest_write_is_still_inside_its_system_call
     _, address = start_host(export, "--detector", "none", "--clean-after", "100000")
 
     async def run():
-        w = await RawSession.open(address, "w", None, auto_ack=True)
-        r = await RawSession.open(address, "r", None, auto_ack=True)
-        nodeid, fh = await w.open_file("f.dat", os.O_RDWR)
-        assert (await w.call(nodeid, Write(fh, 8192, b"F" * 16))).error == 0  # DIRTY now
+        w, r, nodeid, fh = await _writer_of_a_dirty_file(address)
         holder = _writer_inside_write(tmp_path, export)
         try:
             blocked = asyncio.ensure_future(w.call(nodeid, Write(fh, 4096, b"G" * 16)))

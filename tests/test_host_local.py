@@ -370,26 +370,24 @@ sys.stdin.readline()
 
 def test_what_the_mark_cannot_hold_is_recalled_after_the_fact(export, start_host, start_guest,
                                                              tmp_path):
-    """Three writes fanotify cannot hold: through an fd opened before the daemon
-    started, through another bind mount of the export, and open(O_TRUNC).  Each
-    completes while the (stopped) guest cannot ACK anything; the inotify watch on
-    the leased file then recalls it after the fact."""
+    """Two writes fanotify cannot hold: through another bind mount of the export,
+    and open(O_TRUNC).  Each completes while the (stopped) guest cannot ACK
+    anything; the inotify watch on the leased file then recalls it after the
+    fact."""
     _skip_unless_fanotify(export)
-    for name in ("a", "b", "c"):
+    for name in ("b", "c"):
         (export / name).write_bytes(OLD.encode())
-    early = Child([sys.executable, "-c", PREOPENED, str(export / "a")], "early")
-    assert early.line().strip() == "ready"  # its fd is on the mount the bind will cover
     view = tmp_path / "view"
     view.mkdir()
     bindmount.bind(export, view)  # detached by the fixture
     _, address = _host(start_host, export)
     g = start_guest(address, "G")
-    for name in ("a", "b", "c"):
+    for name in ("b", "c"):
         _lease(g, name)
     other = Child([sys.executable, "-c", PREOPENED, str(view / "b")], "other-mount")
     assert other.line().strip() == "ready"
     try:
-        for name, child in (("a", early), ("b", other), ("c", None)):
+        for name, child in (("b", other), ("c", None)):
             g.proc.send_signal(signal.SIGSTOP)
             try:
                 if child is None:
@@ -403,8 +401,37 @@ def test_what_the_mark_cannot_hold_is_recalled_after_the_fact(export, start_host
             expect = "" if name == "c" else "NEW!" + OLD[4:]
             assert g.do(op="read", path=name, size=200) == {"ok": True, "data": expect, "hit": False}
     finally:
-        early.stop()
         other.stop()
+
+
+def test_a_file_open_for_writing_from_before_the_daemon_started_is_not_leased_while_open(
+        export, start_host, start_guest):
+    """An fd opened before the daemon's bind is on the mount underneath: its writes
+    raise no event the daemon sees.  So the daemon finds such fds when it starts
+    (`FanotifyDetector._unmarked_writers`) and leases the file only once every
+    one of them is closed.  Before, the file was leased, and a write through
+    that fd was recalled only after the fact (inotify), while it was already
+    in the file: `cleanlease chaos` counted these as documented stale reads."""
+    _skip_unless_fanotify(export)
+    (export / "a").write_bytes(OLD.encode())
+    early = Child([sys.executable, "-c", PREOPENED, str(export / "a")], "early")
+    assert early.line().strip() == "ready"  # its fd is on the mount the bind will cover
+    _, address = _host(start_host, export)
+    g = start_guest(address, "G")
+    try:
+        g.do(op="open", path="a")
+        reads = [g.do(op="read", path="a", size=200)["hit"] for _ in range(3)]
+        assert reads == [False, False, False], "leased while a writer we cannot see had it open"
+        _go(early)
+        early.line()
+        assert g.do(op="read", path="a", size=200)["data"] == "NEW!" + OLD[4:]
+    finally:
+        early.stop()
+    # Once that fd is closed, the file is leased again (checked at most every 100 ms).
+    deadline = time.monotonic() + 10
+    while not g.do(op="read", path="a", size=200)["hit"]:
+        assert time.monotonic() < deadline, "never leased again after the early writer exited"
+        time.sleep(0.05)
 
 
 # --- open-lease: kernel read leases ----------------------------------------------------

@@ -40,6 +40,17 @@ def _host(start_host, export):
                       "--lease-term", str(TERM_MS))
 
 
+async def _silent_holder_and_mount(address: str, name: str):
+    """A holder of `name` that never ACKs or heartbeats (it keeps a recall of
+    `name` running for about a term), and a mount-like guest holding it too:
+    (silent, mount, nodeid, fh of the mount)."""
+    silent = await RawGuest.connect(address, "silent")
+    await silent.lease(name)
+    mount = await RawGuest.connect(address, "mount", features=MOUNT_LIKE)
+    nodeid, fh = await mount.lease(name)
+    return silent, mount, nodeid, fh
+
+
 async def _wedged_holder(address: str, name: str, path: str) -> tuple[GuestClient, asyncio.Future]:
     """A library guest that holds a lease on `path`, heartbeats on its own (so
     its term is renewed while it owes nothing), ACKs names (INVAL_ENTRY) but
@@ -62,10 +73,7 @@ async def test_a_mount_reading_while_it_owes_the_recall_is_answered_at_once_and_
     once the write has landed, before the writer is answered."""
     (export / "f").write_bytes(b"a" * 64)
     _, address = _host(start_host, export)
-    silent = await RawGuest.connect(address, "silent")  # holds f, never ACKs or heartbeats
-    await silent.lease("f")
-    mount = await RawGuest.connect(address, "mount", features=MOUNT_LIKE)
-    node, fh = await mount.lease("f")
+    silent, mount, node, fh = await _silent_holder_and_mount(address, "f")
     writer = await RawGuest.connect(address, "writer")
     w_node, w_fh = await writer.open("f", os.O_RDWR)
 
@@ -92,10 +100,7 @@ async def test_a_mount_reading_after_it_acked_is_held_until_the_queued_writers_l
     second recall of the reader after its write landed (about 2.3 s)."""
     (export / "f").write_bytes(b"a" * 64)
     _, address = _host(start_host, export)
-    silent = await RawGuest.connect(address, "silent")
-    await silent.lease("f")
-    mount = await RawGuest.connect(address, "mount", features=MOUNT_LIKE)
-    node, fh = await mount.lease("f")
+    silent, mount, node, fh = await _silent_holder_and_mount(address, "f")
     w1 = await RawGuest.connect(address, "w1")
     n1, fh1 = await w1.open("f", os.O_RDWR)
     w2 = await RawGuest.connect(address, "w2")
@@ -137,10 +142,7 @@ async def test_a_held_reader_is_answered_as_soon_as_it_owes_an_ack_of_another_re
     (export / "x").write_bytes(b"x" * 64)
     (export / "y").write_bytes(b"y" * 64)
     _, address = _host(start_host, export)
-    silent = await RawGuest.connect(address, "silent")
-    await silent.lease("x")
-    mount = await RawGuest.connect(address, "mount", features=MOUNT_LIKE)
-    x_node, x_fh = await mount.lease("x")
+    silent, mount, x_node, x_fh = await _silent_holder_and_mount(address, "x")
     y_node, _ = await mount.lease("y")
     writer = await RawGuest.connect(address, "writer")
     wx_node, wx_fh = await writer.open("x", os.O_RDWR)
