@@ -241,23 +241,22 @@ def test_without_fanotify_the_host_local_classes_are_skipped_and_said_so(tmp_pat
     assert set(injector.skipped) == set(HOST_LOCAL_FAULTS)
 
 
-def test_host_writes_opened_before_the_serving_daemon_came_up_are_counted_and_excuse_nothing():
-    """Such writes raise no event, but their file is not leased while the fd is
-    open (docs/kernel.md), so the report counts them and a stale read after one
-    is a broken promise like any other (until issue 11 it was "documented")."""
-    from workload.chaos import _unheld_host_writes
+def test_only_host_writes_opened_before_the_serving_daemon_came_up_are_not_held():
+    from workload.chaos import _held_check, _unheld_host_writes
 
     peer = SimpleNamespace(name="hw3")
     stats = {"kind": "host-write", "writer": 5002,
              "detail": [[0, 0, 1, 100, 110, 500],      # opened before the restart's end
                         [0, 0, 2, 700, 710, 800]]}     # opened after it: held
     restarts = [(200, 400)]  # killed, ready
-    assert _unheld_host_writes([(peer, stats)], restarts) == {(0, 0, 5002, 1)}
+    unheld = _unheld_host_writes([(peer, stats)], restarts)
+    assert unheld == {(0, 0, 5002, 1)}
     writes = [WriteRecord("hw3", 0, 0, 5002, 1, 100, 500, None, "host-local"),
               WriteRecord("hw3", 0, 0, 5002, 2, 700, 800, None, "host-local")]
-    early = ReadRecord("sh1", 0, 0, 0, 0, 600, 600, True, 1, None)  # stale after seq 1
+    early = ReadRecord("sh1", 0, 0, 0, 0, 600, 600, True, 1, None)  # stale after seq 1 only
     late = ReadRecord("sh1", 0, 0, 5002, 1, 900, 900, True, 2, None)  # stale after seq 2
     assert check(writes + [early, late]).stale_reads == 2
+    assert _held_check(writes + [early, late], unheld).stale_reads == 1
 
 
 def test_a_torn_block_counts_only_where_no_host_local_write_overlapped_it():
