@@ -127,6 +127,9 @@ class HostDaemon:
         self._recall_over: dict[int, asyncio.Future] = {}  # inode -> its recall has ended
         # inode -> one future per modification waiting for its recall or landing
         self._modifying: dict[int, set[asyncio.Future]] = {}
+        # inode -> host-local modifications waiting for their recall (readers of
+        # those are not held: before_unleased_reply)
+        self._host_local_recalls: dict[int, int] = {}
         # Blocking system calls of guest requests (`run_blocking`).
         self._workers = concurrent.futures.ThreadPoolExecutor(
             max_workers=16, thread_name_prefix="cleanlease-io")
@@ -465,6 +468,12 @@ class HostDaemon:
         """
         if not (session.caches_unleased and self.leases.leasing):
             return
+        if nodeid in self._host_local_recalls:
+            # The kernel lands a host-local write only after its event is
+            # answered: a reader held until then would read the old bytes at
+            # the worst moment.  Answered now, it is recalled again right
+            # after the event is answered (`host_local_modify`).
+            return
         counted = landing_waited = False
         while not session.acks and not session.closed:
             if (over := self._recall_over.get(nodeid)) is not None:
@@ -757,11 +766,22 @@ class HostDaemon:
         """
         self.stats.host_local_events += 1
         await self._after_restart_grace()
-        with self._landing(nodeid):
+        self._host_local_recalls[nodeid] = self._host_local_recalls.get(nodeid, 0) + 1
+        try:
             first, late = await self._modify(nodeid, HOST_LOCAL)
+        finally:
+            if self._host_local_recalls[nodeid] == 1:
+                del self._host_local_recalls[nodeid]
+            else:
+                self._host_local_recalls[nodeid] -= 1
         if first:
             self.modified(nodeid)
-        if late:  # the kernel lands the write when it will: recall them at once
+        if late:
+            # The kernel lands the write when it will: recall them at once, and
+            # keep them tainted, so that a guest modification that comes next
+            # waits for them too (this recall runs beside it).
+            for guest in late:
+                self.leases.unleased(nodeid, guest)
             self._spawn(self._recall_late(nodeid, late))
 
     def host_local_modification(self, nodeid: int) -> None:
