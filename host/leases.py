@@ -217,9 +217,11 @@ class LeaseTable:
         return Grant(ino, leases.generation)
 
     def read_while_recalling(self, ino: int) -> frozenset[int]:
-        """The guests tainted while the recall that just ended ran: they cached
-        what the modification about to land replaces.  Taken (they are no longer
-        tainted): the caller recalls them once the modification has landed."""
+        """The guests tainted since the last recall of `ino` began: at its end,
+        those that read while it ran (they cached what the modification about
+        to land replaces); at the end of a modification, also those that read
+        while it was in flight.  Taken (they are no longer tainted): the caller
+        recalls them once the modification has landed."""
         leases = self.inode(ino)
         late = frozenset(leases.tainted)
         leases.tainted.clear()

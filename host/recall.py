@@ -28,9 +28,11 @@ log = logging.getLogger("cleanlease.host")
 
 @dataclass
 class _Running:
-    """A data recall under way: the holders whose ACK it still waits for."""
+    """A data recall under way: the holders whose ACK it still waits for, and a
+    future that resolves when it is over."""
 
     owed: set[int]
+    over: asyncio.Future
 
 
 class Recaller:
@@ -71,6 +73,12 @@ class Recaller:
         a READ of `ino`: such a READ must be answered, not held."""
         return any(guest in recall.owed for recall in self._running.get(ino, ()))
 
+    async def running_over(self, ino: int) -> None:
+        """Return once every data recall of `ino` running now is over."""
+        runs = [r.over for r in self._running.get(ino, ())]
+        if runs:
+            await asyncio.wait(runs)
+
     async def carry_out(self, recall: Recall, make, *, data: bool = False) -> None:
         """Send one invalidation to each holder and wait for every ACK or fence.
 
@@ -84,7 +92,7 @@ class Recaller:
         """
         started = time.monotonic_ns()
         self.stats.recalls += 1
-        running = _Running(set())
+        running = _Running(set(), asyncio.get_running_loop().create_future())
         if data:
             self._running.setdefault(recall.ino, []).append(running)
         try:
@@ -105,6 +113,7 @@ class Recaller:
                 runs.remove(running)
                 if not runs:
                     del self._running[recall.ino]
+                running.over.set_result(None)
             waited = time.monotonic_ns() - started
             self.stats.recall_wait_max_ns = max(self.stats.recall_wait_max_ns, waited)
 

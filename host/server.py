@@ -604,11 +604,16 @@ class HostDaemon:
                 raise FailedModification(exc, self.revoked(nodeid, first)) from exc
             else:
                 # Guests that cache unleased replies and were sent `nodeid`
-                # while its recall ran, without being held back
-                # (`before_unleased_reply`), hold the bytes this modification
-                # just replaced: purge them before the writer learns it is done.
+                # while its recall ran, or while this modification was in
+                # flight, without being held back (`before_unleased_reply`), may
+                # hold the bytes it just replaced: purge them before the writer
+                # learns it is done, and wait for any other such purge still
+                # running (a concurrent modification's), which may cover a
+                # reply sent before this one landed.
+                late |= self.leases.read_while_recalling(nodeid) - {writer}
                 if late:
                     await self._recall_late(nodeid, late)
+                await self.recaller.running_over(nodeid)
             finally:
                 self.modified(nodeid, begun=True)
 
