@@ -477,17 +477,21 @@ def test_a_reader_released_while_a_guest_write_is_in_flight_is_recalled_before_i
     mount_like = wire.SUPPORTED_FEATURES | wire.FEATURE_CACHES_UNLEASED
 
     async def run():
-        w = await RawGuest.connect(address, "w")
-        f_node, w_fh = await w.open("f.dat", os.O_RDWR)
-        assert (await w.call(f_node, Write(w_fh, 8192, b"F" * 16))).error == 0  # DIRTY
         mount = await RawGuest.connect(address, "mount", features=mount_like)
-        _, m_fh = await mount.open("f.dat")
+        f_node, m_fh = await mount.open("f.dat")  # CLEAN: a lease, no taint
         y_node, _ = await mount.lease("y")
+        w = await RawGuest.connect(address, "w")
+        _, w_fh = await w.open("f.dat", os.O_RDWR)
         wy_node, wy_fh = await w.open("y", os.O_RDWR)
+        first = w.send(f_node, Write(w_fh, 8192, b"F" * 16))
+        mount.ack((await mount.next_invalidation()).seq)
+        assert (await w.reply(first)).error == 0  # DIRTY now, and nobody tainted
         holder = _writer_inside_write(tmp_path, export)
         try:
-            write = w.send(f_node, Write(w_fh, 0, b"G" * 16))  # in flight: waits for the lock
-            await w.getattr(f_node)  # the daemon has the WRITE
+            # No recall to wait for: the daemon is in its pwrite (waiting for
+            # the inode lock) by the time it answers what w sent next.
+            write = w.send(f_node, Write(w_fh, 0, b"G" * 16))
+            await w.getattr(f_node)
             read = mount.send(f_node, Read(m_fh, 0, 16))
             await mount.getattr(y_node)  # the READ was taken in: held now
             assert not mount._replies[read].done()
