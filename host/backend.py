@@ -177,6 +177,10 @@ class ExportFS:
       root_path: the export directory (see ``InodeStore``).
       max_handles_per_owner: open file handles one owner may hold at once;
         one more raises ``OSError(EMFILE)``.
+      max_handles, max_nodeids, max_nodeids_per_owner: the descriptor
+        budget (host/limits.py, ``FdBudget``): handles of all owners (one
+        more: ``ENFILE``), node ids in all (``ENFILE``) and per owner
+        (``EMFILE``); None: unbounded.
       max_io_size: largest ``read`` size or ``write`` length in bytes; more
         raises ``OSError(EINVAL)`` (a guest must not make the host allocate
         what it likes).
@@ -192,12 +196,17 @@ class ExportFS:
         max_handles_per_owner: int = 1024,
         max_io_size: int = 1 << 20,
         on_forget: Callable[[int], None] | None = None,
+        max_handles: int | None = None,
+        max_nodeids: int | None = None,
+        max_nodeids_per_owner: int | None = None,
     ) -> None:
         self._writable: dict[int, int] = {}
         # Called with a nodeid once no owner holds it and no handle pins it: it
         # is gone for good (a later lookup of the same file gets a new one).
         self._on_forget = on_forget
-        self._store = InodeStore(root_path, on_drop=self._dropped)
+        self._store = InodeStore(root_path, on_drop=self._dropped, max_nodeids=max_nodeids,
+                                 max_nodeids_per_owner=max_nodeids_per_owner)
+        self._max_handles_total = max_handles
         self._handles: dict[int, _Handle] = {}
         self._owner_handles: dict[int, set[int]] = {}
         self._next_fh = 1
@@ -605,6 +614,10 @@ class ExportFS:
         """
         return self._handle(owner, fh).nodeid
 
+    def fds_held(self) -> tuple[int, int, int]:
+        """(node ids, handles, writable fds) held now: the export's descriptors."""
+        return len(self._store), len(self._handles), len(self._writable)
+
     def handles_of(self, owner: int) -> int:
         """How many handles ``owner`` has open."""
         return len(self._owner_handles.get(owner, ()))
@@ -677,6 +690,9 @@ class ExportFS:
     def _check_room(self, owner: int) -> None:
         if self.handles_of(owner) >= self._max_handles:
             raise _err(errno.EMFILE, "too many open file handles for this guest")
+        if self._max_handles_total is not None and len(self._handles) >= self._max_handles_total:
+            raise _err(errno.ENFILE, "the daemon holds as many file handles as its file "
+                                     "descriptor budget allows")
 
     def _new_handle(self, owner: int, nodeid: int, fd: int) -> int:
         try:

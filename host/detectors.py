@@ -66,6 +66,11 @@ class Detector:
     def disarm(self, nodeid: int) -> None:
         """Modifications of `nodeid` need not be reported until the next arm()."""
 
+    def forget(self, nodeid: int) -> None:
+        """No guest references `nodeid` any more and the lease table has let go of
+        it: drop what is kept for it (a watch).  It will not be leased again;
+        the same file looked up later gets a new node id."""
+
     def may_have_missed_writes(self, nodeid: int) -> bool:
         """Asked before the first arm() of an inode: could it have been modified
         unseen until now?  If so the daemon checks it is clean after arming."""

@@ -586,17 +586,28 @@ class PreContentGroup:
 
     # -- events
 
-    def read_events(self) -> list[PreContentEvent]:
+    def read_events(self, max_events: int | None = None) -> list[PreContentEvent]:
         """Drain the queue without blocking; [] when nothing is queued.
 
         Every returned event with ``fd >= 0`` is pending until
-        :meth:`respond` is called for it.
+        :meth:`respond` is called for it.  With ``max_events``, about that
+        many at most (a few more when fewer than 6 are asked for: a read
+        buffer must hold one event with its info records): the kernel opens
+        an fd for each event read, and denies (EPERM) an event it cannot
+        open one for, so a caller that keeps a reserve of descriptors reads
+        no more than the reserve holds.  Events not read stay queued, their
+        threads blocked.
+
+        Raises OSError (EMFILE, ENFILE) if the kernel could not open an fd
+        for the first event: it denied that event.
         """
         out: list[PreContentEvent] = []
         fd = self.fileno()
-        while True:
+        while max_events is None or len(out) < max_events:
+            size = 65536 if max_events is None else min(
+                65536, max(128, (max_events - len(out)) * _METADATA.size))
             try:
-                buf = os.read(fd, 65536)
+                buf = os.read(fd, size)
             except BlockingIOError:
                 break
             except InterruptedError:

@@ -89,6 +89,7 @@ from host.detectors import Detector
 from host.fanotify import Access, PreContentEvent, PreContentGroup, classify, writing_to
 from host.inotify_detector import InotifyDetector
 from host.leases import InodeState
+from host.limits import DETECTOR_EVENT_FDS
 from protocol.messages import Detector as DetectorKind
 
 log = logging.getLogger("cleanlease.fanotify")
@@ -193,7 +194,9 @@ class FanotifyDetector(Detector):
         self._prune_at = 1024
         self.counters = dict(reads=0, modifications=0, unknown_inode=0, dirty=0, recalls=0,
                              mmap_writes=0, errors=0, not_quiescent=0, seeded_in_flight=0,
-                             unmarked_writable_files=0)
+                             unmarked_writable_files=0, no_fd=0, reading_paused=0)
+        self._reading_paused = False
+        self._no_fd_logged_at = -1e9
 
     # --- can it run here? ---------------------------------------------------------
 
@@ -276,6 +279,9 @@ class FanotifyDetector(Detector):
     def watch(self, nodeid: int, is_dir: bool) -> None:
         self._inotify.watch(nodeid, is_dir)
 
+    def forget(self, nodeid: int) -> None:
+        self._inotify.forget(nodeid)
+
     def arm(self, nodeid: int) -> bool:
         """Remove the ignore mark of `nodeid`, if it has one; True when no
         modification let through may still be on its way (then, and only then,
@@ -321,6 +327,7 @@ class FanotifyDetector(Detector):
 
     def stats(self) -> dict:
         return {"events": self.events, **self.counters, "inotify_events": self._inotify.events,
+                "inotify_watched": self._inotify.watched,
                 "disarmed_inodes": len(self._marked), "cooled_inodes": self._cooled,
                 "in_flight": sum(len(v) for v in self._in_flight.values())}
 
@@ -330,11 +337,32 @@ class FanotifyDetector(Detector):
         group = self._group
         if group is None:
             return
+        # Each event read holds an fd until it is answered: read only as many as
+        # the reserve kept for them holds (host/limits.py, DETECTOR_EVENT_FDS), so
+        # the kernel never lacks an fd for one (it would deny it: EPERM for the
+        # host process).  The rest wait in the kernel's queue, their threads
+        # blocked, until answers free room (`_answer`).
+        room = DETECTOR_EVENT_FDS - len(self._unanswered)
+        if room <= 0:
+            self._pause_reading()
+            return
         try:
-            events = group.read_events()
+            events = group.read_events(max_events=room)
         except RuntimeError:
             log.exception("fanotify: unreadable event buffer; rebuilding the group")
             self._rebuild()
+            return
+        except OSError as exc:
+            # The kernel could not open an fd for an event and denied it: the
+            # descriptor budget failed (something outside it took the reserve).
+            self.counters["no_fd"] += 1
+            now = time.monotonic()
+            if now - self._no_fd_logged_at >= 10.0:
+                self._no_fd_logged_at = now
+                log.error("fanotify: no descriptor for an event (%s): the kernel denied it "
+                          "(EPERM for the host process); %d such so far", exc.strerror,
+                          self.counters["no_fd"])
+            self._pause_reading(retry_in=0.05)
             return
         for event in events:
             self.events += 1
@@ -433,12 +461,31 @@ class FanotifyDetector(Detector):
         if tid not in flights:
             flights[tid] = _InFlight(tid, _tgid_of(tid))
 
+    def _pause_reading(self, retry_in: float | None = None) -> None:
+        """Stop reading events until `_answer` frees room (or `retry_in` s pass)."""
+        if self._reading_paused or self._group is None:
+            return
+        self._reading_paused = True
+        self.counters["reading_paused"] += 1
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(self._group.fileno())
+        if retry_in is not None:
+            loop.call_later(retry_in, self._resume_reading)
+
+    def _resume_reading(self) -> None:
+        if not self._reading_paused or self._group is None:
+            return
+        self._reading_paused = False
+        asyncio.get_running_loop().add_reader(self._group.fileno(), self._on_readable)
+
     def _answer(self, event: PreContentEvent, group: PreContentGroup | None = None) -> None:
         """Allow `event` once; later calls for the same event do nothing (its fd
         number may already belong to a newer event)."""
         if self._unanswered.get(event.fd) is not event:
             return
         del self._unanswered[event.fd]
+        if self._reading_paused and len(self._unanswered) < DETECTOR_EVENT_FDS // 2:
+            self._resume_reading()
         group = group or self._group
         if group is None:
             return  # closed: the kernel allowed it
@@ -506,5 +553,6 @@ class FanotifyDetector(Detector):
         group = _open_group_on_a_high_fd()
         group.mark_mount(self._mount)
         self._group = group
+        self._reading_paused = False
         loop.add_reader(group.fileno(), self._on_readable)
         self._daemon.host_local_overflow()

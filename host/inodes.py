@@ -64,6 +64,10 @@ class InodeStore:
       on_drop: called with the nodeid just before an inode is forgotten by
         everyone and its fd is closed, so the owner of per-inode resources
         (the backend's writable fds) can release them.
+      max_nodeids: inodes known at once (each holds an fd), the root
+        included; a lookup of one more gets ``ENFILE`` (host/limits.py).
+      max_nodeids_per_owner: node ids one owner may hold at once; one more
+        gets ``EMFILE``.
 
     Raises:
       OSError: the root cannot be opened as a directory (``ENOENT``,
@@ -75,7 +79,11 @@ class InodeStore:
         root_path: str | os.PathLike[str],
         *,
         on_drop: Callable[[int], None] | None = None,
+        max_nodeids: int | None = None,
+        max_nodeids_per_owner: int | None = None,
     ) -> None:
+        self._max_nodeids = max_nodeids
+        self._max_per_owner = max_nodeids_per_owner
         real = os.path.realpath(root_path)
         fd = os.open(real, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
@@ -106,7 +114,10 @@ class InodeStore:
           ``(nodeid, stat)`` with the stat of ``fd``.
 
         Raises:
-          OSError: ``fstat`` failed; ``fd`` is closed in every case.
+          OSError: ``fstat`` failed; ``ENFILE`` (the store holds
+            ``max_nodeids`` already and this inode is new), ``EMFILE``
+            (``owner`` holds ``max_nodeids_per_owner`` and this one is new to
+            it); ``fd`` is closed in every case.
         """
         try:
             st = os.stat(fd)
@@ -115,6 +126,8 @@ class InodeStore:
             raise
         key = (st.st_dev, st.st_ino)
         inode = self._by_key.get(key)
+        if inode is not self._root:
+            self._check_room(owner, inode, fd)
         if inode is not None:
             os.close(fd)
         else:
@@ -126,6 +139,23 @@ class InodeStore:
             inode.holders[owner] = inode.holders.get(owner, 0) + 1
             self._owned.setdefault(owner, set()).add(inode.nodeid)
         return inode.nodeid, st
+
+    def _check_room(self, owner: int, inode: "_Inode | None", fd: int) -> None:
+        """Refuse (closing `fd`) a node id beyond the budgets (host/limits.py)."""
+        if inode is None and self._max_nodeids is not None \
+                and len(self._by_nodeid) >= self._max_nodeids:
+            os.close(fd)
+            raise OSError(errno.ENFILE, "the daemon holds as many node ids as its file "
+                                        "descriptor budget allows")
+        if (self._max_per_owner is not None and (inode is None or owner not in inode.holders)
+                and len(self._owned.get(owner, ())) >= self._max_per_owner):
+            os.close(fd)
+            raise OSError(errno.EMFILE, "this guest holds as many node ids as one guest may "
+                                        "(FORGET some)")
+
+    def held_by(self, owner: int) -> int:
+        """How many node ids ``owner`` holds."""
+        return len(self._owned.get(owner, ()))
 
     def forget(self, owner: int, nodeid: int, nlookup: int) -> None:
         """Subtract ``nlookup`` from ``owner``'s lookup count of ``nodeid``.

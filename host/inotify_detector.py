@@ -47,6 +47,7 @@ class InotifyDetector(Detector):
         self._inotify: inotify_simple.INotify | None = None
         self._daemon = None
         self._node_of_wd: dict[int, int] = {}
+        self._wd_of_node: dict[int, int] = {}
         self._watched: set[int] = set()
 
     async def start(self, daemon) -> None:
@@ -71,7 +72,28 @@ class InotifyDetector(Detector):
             log.warning("cannot watch node %d: %s", nodeid, exc)
             return
         self._node_of_wd[wd] = nodeid
+        self._wd_of_node[nodeid] = wd
         self._watched.add(nodeid)
+
+    def forget(self, nodeid: int) -> None:
+        """Remove `nodeid`'s watch: the watched set shrinks as node ids go."""
+        if nodeid not in self._watched or self._inotify is None:
+            return
+        self._watched.discard(nodeid)
+        wd = self._wd_of_node.pop(nodeid, None)
+        if wd is not None and self._node_of_wd.get(wd) == nodeid:
+            del self._node_of_wd[wd]
+            try:
+                self._inotify.rm_watch(wd)
+            except OSError:
+                pass  # gone already (the inode was deleted): IN_IGNORED follows
+
+    @property
+    def watched(self) -> int:
+        return len(self._watched)
+
+    def stats(self) -> dict:
+        return {"events": self.events, "watched": len(self._watched)}
 
     def arm(self, nodeid: int) -> None:
         # Events queued so far (the daemon's own writes among them) belong to
@@ -91,6 +113,8 @@ class InotifyDetector(Detector):
             if event.mask & flags.IGNORED:
                 nodeid = self._node_of_wd.pop(event.wd, None)
                 self._watched.discard(nodeid)
+                if self._wd_of_node.get(nodeid) == event.wd:
+                    del self._wd_of_node[nodeid]
                 continue
             nodeid = self._node_of_wd.get(event.wd)
             if nodeid is None:

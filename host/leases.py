@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Callable
 
 from protocol.messages import Policy
 
@@ -157,10 +158,14 @@ class LeaseTable:
     reports after the fact, inodes count as armed.
     """
 
-    def __init__(self, policy: Policy, *, needs_arming: bool = False):
+    def __init__(self, policy: Policy, *, needs_arming: bool = False,
+                 on_forgotten: Callable[[int], None] | None = None):
         self.policy = policy
         self.needs_arming = needs_arming
         self._inodes: dict[int, InodeLeases] = {}
+        # Called with a node id whose entry `forget_inode` let go of (the
+        # detector drops its watch: issue 13, item 5).
+        self._on_forgotten = on_forgotten
 
     # --- lookup ----------------------------------------------------------------
 
@@ -463,6 +468,8 @@ class LeaseTable:
         if leases.state is InodeState.RECALLING or leases.names_changing or leases.in_flight:
             return  # (not reachable while its writer holds the node id)
         del self._inodes[ino]
+        if self._on_forgotten is not None:
+            self._on_forgotten(ino)
 
     def drop_holder_of(self, ino: int, guest: int) -> None:
         """`guest` forgot node id `ino` (FORGET to zero): it caches nothing of it."""

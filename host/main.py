@@ -9,9 +9,9 @@ import os
 import signal
 import sys
 
-from host import kernel_lease
+from host import kernel_lease, limits
 from host.detectors import make_detector
-from host.server import HostConfig, HostDaemon
+from host.server import HostConfig, HostDaemon, budget_for
 from protocol import auth, wire
 from protocol.address import parse_address
 from protocol.messages import Policy
@@ -57,6 +57,49 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "leases, broken by any open for write), kernel-lease, inotify "
                              "(after), none; auto picks the best this machine supports for the "
                              "policy and says why on stderr (default: %(default)s)")
+    limits = parser.add_argument_group(
+        "limits", "what one guest or peer may take of the daemon (docs/reliability.md, "
+                  "\"Limits\"); the descriptor caps are derived from RLIMIT_NOFILE, whose soft "
+                  "limit is raised to the hard one at start")
+    limits.add_argument("--max-sessions", type=int, default=64, metavar="N",
+                        help="authenticated sessions at once; HELLO beyond gets EUSERS "
+                             "(default: %(default)s)")
+    limits.add_argument("--max-handshakes", type=int, default=64, metavar="N",
+                        help="connections in HELLO/AUTH at once; when all are taken the oldest "
+                             "handshake of the address holding the most makes room "
+                             "(default: %(default)s)")
+    limits.add_argument("--handshakes-per-peer", type=int, default=8, metavar="N",
+                        help="handshakes at once from one TCP peer address; more are closed at "
+                             "once (default: %(default)s)")
+    limits.add_argument("--output-bound", type=int, default=1 << 20, metavar="BYTES",
+                        help="a session's unsent replies; over it its requests are not read "
+                             "until it reads (default: %(default)s)")
+    limits.add_argument("--input-bound", type=int, default=2 << 20, metavar="BYTES",
+                        help="bytes of a session's requests in flight; over it reading pauses "
+                             "(default: %(default)s)")
+    limits.add_argument("--output-timeout", type=int, default=5000, metavar="MS",
+                        help="disconnect a session whose output stays over --output-bound this "
+                             "long (default: %(default)s)")
+    limits.add_argument("--frame-timeout", type=int, default=10000, metavar="MS",
+                        help="disconnect a connection whose started frame is not complete this "
+                             "long after it began (default: %(default)s)")
+    limits.add_argument("--idle-timeout", type=int, default=60000, metavar="MS",
+                        help="close a session that sent nothing this long and holds no handle "
+                             "and no live lease (default: %(default)s)")
+    limits.add_argument("--wrong-token-delay", type=int, default=100, metavar="MS",
+                        help="wait before refusing a wrong token, doubled for each recent "
+                             "failure of that address, at most 20x this (default: %(default)s)")
+    limits.add_argument("--max-handles-per-guest", type=int, default=1024, metavar="N",
+                        help="open file handles per guest, then EMFILE; never more than a "
+                             "quarter of the handle budget (default: %(default)s)")
+    limits.add_argument("--max-nodeids-per-guest", type=int, metavar="N",
+                        help="node ids per guest, then EMFILE (default: a quarter of the node "
+                             "id budget, which is a quarter of the descriptors left after the "
+                             "daemon's reserve and the sockets)")
+    limits.add_argument("--fd-limit", type=int, metavar="N",
+                        help="set RLIMIT_NOFILE's soft limit to N instead of raising it to the "
+                             "hard limit, and budget for N (to try the budget on a small "
+                             "limit, as Debian's default 1024)")
     parser.add_argument("--stats", metavar="PATH", help="write counters as JSON here on exit")
 
 
@@ -80,18 +123,41 @@ def config_from(args: argparse.Namespace, environ=os.environ) -> HostConfig:
     if not wire.MIN_MAX_FRAME <= args.max_frame <= wire.ABSOLUTE_MAX_FRAME:
         raise SystemExit(f"cleanlease host: --max-frame must be between {wire.MIN_MAX_FRAME} "
                          f"and {wire.ABSOLUTE_MAX_FRAME}")
-    for name in ("lease_term", "ack_timeout", "clean_after", "ttl", "handshake_timeout"):
+    for name in ("lease_term", "ack_timeout", "clean_after", "ttl", "handshake_timeout",
+                 "output_timeout", "frame_timeout", "idle_timeout", "wrong_token_delay"):
         if getattr(args, name) < 0:
             raise SystemExit(f"cleanlease host: --{name.replace('_', '-')} must not be negative")
+    for name in ("max_sessions", "max_handshakes", "handshakes_per_peer", "output_bound",
+                 "input_bound", "max_handles_per_guest", "max_nodeids_per_guest"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise SystemExit(f"cleanlease host: --{name.replace('_', '-')} must be at least 1")
     return HostConfig(export=export, policy=args.policy, lease_term_ms=args.lease_term,
                       ack_timeout_ms=args.ack_timeout, clean_after_ms=args.clean_after,
                       ttl_ms=args.ttl, max_frame=args.max_frame, token=token,
-                      handshake_timeout_ms=args.handshake_timeout)
+                      handshake_timeout_ms=args.handshake_timeout,
+                      max_sessions=args.max_sessions, max_handshakes=args.max_handshakes,
+                      handshakes_per_peer=args.handshakes_per_peer,
+                      output_bound=args.output_bound, input_bound=args.input_bound,
+                      output_timeout_ms=args.output_timeout, frame_timeout_ms=args.frame_timeout,
+                      idle_timeout_ms=args.idle_timeout,
+                      wrong_token_delay_ms=args.wrong_token_delay,
+                      wrong_token_max_delay_ms=20 * args.wrong_token_delay,
+                      max_handles_per_guest=args.max_handles_per_guest,
+                      max_nodeids_per_guest=args.max_nodeids_per_guest)
 
 
 async def serve(args: argparse.Namespace) -> int:
     """Serve until SIGTERM/SIGINT.  Prints `READY <address>` once accepting guests."""
     config = config_from(args)
+    if args.fd_limit is not None:
+        config.fd_limit = limits.set_nofile_limit(args.fd_limit)
+    else:
+        limits.raise_nofile_limit()
+    try:
+        budget_for(config)
+    except ValueError as exc:
+        raise SystemExit(f"cleanlease host: {exc}")
     os.umask(0)  # modes asked for by guests are applied as given, as virtiofsd does
     try:
         detector, why = make_detector(args.detector, config.export, config.policy)

@@ -69,6 +69,7 @@ class _NamesAndAttributes(InotifyDetector):
             log.warning("cannot watch node %d: %s", nodeid, exc)
             return
         self._node_of_wd[wd] = nodeid
+        self._wd_of_node[nodeid] = wd
         self._watched.add(nodeid)
 
 
@@ -135,6 +136,9 @@ class KernelLeaseDetector(Detector):
     def watch(self, nodeid: int, is_dir: bool) -> None:
         self._inotify.watch(nodeid, is_dir)
 
+    def forget(self, nodeid: int) -> None:
+        self._inotify.forget(nodeid)
+
     def arm(self, nodeid: int) -> bool:
         """Take a kernel read lease on `nodeid`; False while it is open for write."""
         if self._watcher is None:
@@ -167,7 +171,8 @@ class KernelLeaseDetector(Detector):
 
     def stats(self) -> dict:
         return {"events": self.events, **self.counters, "held": len(self._leases),
-                "inotify_events": self._inotify.events}
+                "inotify_events": self._inotify.events,
+                "inotify_watched": self._inotify.watched}
 
     # --- breaks ------------------------------------------------------------------------
 

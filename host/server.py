@@ -22,6 +22,7 @@ import functools
 import json
 import logging
 import os
+import resource
 import stat as stat_module
 import time
 from contextlib import asynccontextmanager, contextmanager
@@ -33,6 +34,7 @@ from host.backend import ExportFS
 from host.detectors import Detector as HostDetector
 from host.detectors import NullDetector
 from host.leases import HOST_LOCAL, WAIT, InodeState, LeaseTable, Recall
+from host.limits import FdBudget, FlowControl, PeerGate
 from host.ops import HANDLERS
 from host.recall import Recaller
 from host.session import HostConfig, HostStats, Session, printable
@@ -41,6 +43,7 @@ from protocol.address import parse_address
 from protocol.codec import UnsupportedOpcode
 from protocol.connection import NEED_DATA
 from protocol.errors import ProtocolError
+from protocol.fuse import Opcode
 from protocol.messages import (
     LEASE_FIRST_DIRTY,
     LEASE_GRANTED,
@@ -109,6 +112,16 @@ class _GuestProtocol(asyncio.Protocol):
     def connection_lost(self, exc):
         self.daemon.session_lost(self.session)
 
+    # Output over the session's bound (host/limits.py, FlowControl).
+    def pause_writing(self):
+        if self.session.flow is not None:
+            self.daemon.stats.output_paused += 1
+            self.session.flow.pause_writing()
+
+    def resume_writing(self):
+        if self.session.flow is not None:
+            self.session.flow.resume_writing()
+
 
 class HostDaemon:
     """The daemon's state: the export, the lease table, the sessions."""
@@ -116,9 +129,18 @@ class HostDaemon:
     def __init__(self, config: HostConfig, detector: HostDetector | None = None):
         self.config = config
         self.detector = detector or NullDetector()
-        self.leases = LeaseTable(config.policy, needs_arming=self.detector.needs_arming)
-        self.fs = ExportFS(config.export, max_handles_per_owner=config.max_handles_per_guest,
-                           on_forget=self.leases.forget_inode)
+        self.leases = LeaseTable(config.policy, needs_arming=self.detector.needs_arming,
+                                 on_forgotten=self.detector.forget)
+        self.fd_budget = budget_for(config)
+        self.fs = ExportFS(config.export, max_handles_per_owner=self.fd_budget.handles_per_guest,
+                           on_forget=self.leases.forget_inode, max_handles=self.fd_budget.handles,
+                           max_nodeids=self.fd_budget.nodeids,
+                           max_nodeids_per_owner=self.fd_budget.nodeids_per_guest)
+        self.peers = PeerGate(per_peer=config.handshakes_per_peer,
+                              base_delay=config.wrong_token_delay_ms / 1000.0,
+                              max_delay=config.wrong_token_max_delay_ms / 1000.0)
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._refusals_logged_at = -1e9  # EMFILE/ENFILE: one log line per interval
         self.boot_id = os.urandom(16)
         self.sessions: dict[int, Session] = {}  # only those that finished the handshake
         self._handshaking: set[Session] = set()
@@ -172,11 +194,15 @@ class HostDaemon:
             log.info("a previous daemon on this export may have granted leases that live "
                      "%.2f s more: modifications wait until then", grace)
         await self.detector.start(self)
+        log.info("%s", self.fd_budget.describe())
+        self._schedule_idle_sweep()
         return address
 
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
         for session in [*self.sessions.values(), *self._handshaking]:
             session.transport.close()
         for handle in self._flush_timers.values():
@@ -192,12 +218,31 @@ class HostDaemon:
 
     def accept(self, transport: asyncio.Transport) -> Session:
         """A new connection.  It gets `handshake_timeout_ms` to finish HELLO (and
-        AUTH); beyond `max_sessions` unfinished handshakes it is closed at once."""
-        session = Session(self.config, self.stats, transport)
-        if len(self._handshaking) >= self.config.max_sessions:
+        AUTH).  Its peer address may have at most `handshakes_per_peer` under
+        way (beyond, it is closed at once); when all `max_handshakes` slots
+        are taken, the oldest handshake of the peer holding the most slots
+        makes room for it, so peers that flood cannot lock a newcomer out."""
+        cfg = self.config
+        session = Session(cfg, self.stats, transport)
+        session.flow = FlowControl(
+            transport, output_bound=cfg.output_bound, input_bound=cfg.input_bound,
+            output_timeout=cfg.output_timeout_ms / 1000.0,
+            frame_timeout=cfg.frame_timeout_ms / 1000.0,
+            on_stuck=functools.partial(self._output_stuck, session),
+            on_slow_frame=functools.partial(self._slow_frame, session))
+        if session.peer != "unix" and not self.peers.handshake_slot(session.peer):
+            self.stats.handshakes_per_peer_refused += 1
+            log.warning("connection %s: its address has %d handshakes under way already, "
+                        "refusing another", _peer(session), cfg.handshakes_per_peer)
+            session.closed = True
+            transport.abort()
+            return session
+        session.peer_slot = session.peer != "unix"
+        if len(self._handshaking) >= cfg.max_handshakes and not self._evict_a_handshake(session):
             self.stats.handshakes_refused += 1
             log.warning("%d connections are still in their handshake: refusing another",
                         len(self._handshaking))
+            self._end_handshake(session)
             session.closed = True
             transport.abort()
             return session
@@ -213,10 +258,32 @@ class HostDaemon:
                         _peer(session), self.config.handshake_timeout_ms)
             session.transport.abort()
 
+    def _evict_a_handshake(self, newcomer: Session) -> bool:
+        """Close the oldest handshake of the peer address holding the most slots,
+        if it holds more than the newcomer's; False if none qualifies."""
+        counts: dict[str, int] = {}
+        for other in self._handshaking:
+            counts[other.peer] = counts.get(other.peer, 0) + 1
+        busiest = max(counts, key=counts.get, default=None)
+        if busiest is None or counts[busiest] <= counts.get(newcomer.peer, 0):
+            return False
+        oldest = min((other for other in self._handshaking if other.peer == busiest),
+                     key=lambda other: other.accepted_at)
+        self.stats.handshakes_evicted += 1
+        log.warning("handshake slots full: closing the oldest handshake of %s (it holds %d) "
+                    "for a connection from %s", printable(busiest), counts[busiest],
+                    printable(newcomer.peer))
+        self._end_handshake(oldest)
+        oldest.transport.abort()
+        return True
+
     def _end_handshake(self, session: Session) -> None:
         self._handshaking.discard(session)
         if session.handshake_timer is not None:
             session.handshake_timer.cancel()
+        if session.peer_slot:
+            session.peer_slot = False
+            self.peers.handshake_over(session.peer)
 
     def _register(self, session: Session) -> None:
         """The handshake is over: `session` is served from now on."""
@@ -261,10 +328,11 @@ class HostDaemon:
         expected = auth.guest_proof(token, session.host_nonce, message.nonce)
         if not auth.proof_matches(expected, message.proof):
             self.stats.auth_failures += 1
-            log.warning("connection %s (%s): wrong token, closing", _peer(session),
-                        session.name)
-            session.send(AuthReply(-errno.EACCES))
-            session.transport.close()
+            delay = self.peers.wrong_token_delay(session.peer)
+            self.stats.wrong_token_delays_ms += int(delay * 1000)
+            log.warning("connection %s (%s): wrong token, refusing it in %d ms", _peer(session),
+                        session.name, delay * 1000)
+            asyncio.get_running_loop().call_later(delay, self._refuse_token, session)
             return
         if len(self.sessions) >= self.config.max_sessions:
             session.send(AuthReply(-errno.EUSERS))
@@ -272,6 +340,66 @@ class HostDaemon:
             return
         session.send(AuthReply(0, auth.host_proof(token, message.nonce, session.host_nonce)))
         self._register(session)
+
+    def _refuse_token(self, session: Session) -> None:
+        session.send(AuthReply(-errno.EACCES))
+        session.transport.close()
+
+    # --- the budgets' verdicts (host/limits.py) -----------------------------------
+
+    def _output_stuck(self, session: Session) -> None:
+        self.stats.output_stuck += 1
+        log.warning("guest %s (%d): %d bytes of replies unread for %d ms, disconnecting",
+                    session.name, session.guest_id, session.transport.get_write_buffer_size(),
+                    self.config.output_timeout_ms)
+        session.transport.abort()
+
+    def _slow_frame(self, session: Session) -> None:
+        self.stats.slow_frames += 1
+        log.warning("connection %s, guest %s (%d): a frame not complete %d ms after it began, "
+                    "disconnecting", _peer(session), session.name, session.guest_id,
+                    self.config.frame_timeout_ms)
+        session.transport.abort()
+
+    def _schedule_idle_sweep(self) -> None:
+        period = max(0.05, self.config.idle_timeout_ms / 4000.0)
+        self._idle_timer = asyncio.get_running_loop().call_later(period, self._idle_sweep)
+
+    def _idle_sweep(self) -> None:
+        """Close authenticated sessions that sent nothing for `idle_timeout_ms`,
+        hold no open handle and no live lease term (a session holding leases
+        must heartbeat within its term anyway; under a policy without leases,
+        one that holds no node id either): they would hold a session slot for
+        ever (EUSERS for newcomers)."""
+        self._schedule_idle_sweep()
+        now = time.monotonic()
+        idle = self.config.idle_timeout_ms / 1000.0
+        for session in list(self.sessions.values()):
+            if session.closed or now - session.last_seen < idle:
+                continue
+            if self.fs.handles_of(session.guest_id) or session.conn.outstanding_requests:
+                continue
+            if self.leases.leasing:
+                if session.lease_expiry() > now:
+                    continue
+            elif self.fs.inodes.held_by(session.guest_id):
+                continue
+            self.stats.idle_closed += 1
+            log.info("guest %s (%d): nothing sent for %d ms, no handle, no live lease: "
+                     "closing its session", session.name, session.guest_id,
+                     self.config.idle_timeout_ms)
+            session.transport.close()
+
+    def _fd_refused(self, session: Session, exc: OSError) -> None:
+        """A lookup or open was refused by the descriptor budget: counted, and
+        logged at most once every 10 s."""
+        self.stats.fd_refusals += 1
+        now = time.monotonic()
+        if now - self._refusals_logged_at >= 10.0:
+            self._refusals_logged_at = now
+            log.warning("guest %s (%d): %s (%s; %d refusals so far)", session.name,
+                        session.guest_id, os.strerror(exc.errno), exc.strerror,
+                        self.stats.fd_refusals)
 
     # --- bytes in --------------------------------------------------------------
 
@@ -285,9 +413,14 @@ class HostDaemon:
                 try:
                     event = conn.next_event()
                 except UnsupportedOpcode as exc:
-                    self._reply(session, FsReply(exc.unique, -errno.ENOSYS), session.last_seen)
+                    if exc.needs_reply:
+                        self._reply(session, FsReply(exc.unique, -errno.ENOSYS),
+                                    session.last_seen)
+                    else:
+                        self._unsupported_noreply(session, exc)
                     continue
                 if event is NEED_DATA:
+                    session.flow.frame_progress(conn.unfinished_frame)
                     return
                 if isinstance(event, ConnectionClosed):
                     session.transport.close()
@@ -298,6 +431,17 @@ class HostDaemon:
             log.warning("guest %s (%d): protocol error, closing: %s", session.name,
                         session.guest_id, printable(str(exc), 200))
             session.transport.abort()
+
+    def _unsupported_noreply(self, session: Session, exc: UnsupportedOpcode) -> None:
+        """An unknown opcode without NEED_REPLY: its sender awaits nothing, so
+        nothing is sent (docs/protocol.md, section 9); counted, logged once
+        per session."""
+        self.stats.unsupported_noreply += 1
+        if not session.unsupported_logged:
+            session.unsupported_logged = True
+            log.warning("guest %s (%d): unsupported FUSE opcode %d without NEED_REPLY, "
+                        "ignored (no reply); further ones of this guest are only counted",
+                        session.name, session.guest_id, exc.opcode)
 
     def _dispatch_event(self, session: Session, event) -> None:
         if isinstance(event, FsRequest):
@@ -339,6 +483,8 @@ class HostDaemon:
         once its term has surely run out (`Recaller.connection_lost`)."""
         session.closed = True
         self._end_handshake(session)
+        if session.flow is not None:
+            session.flow.close()
         if self.sessions.get(session.guest_id) is not session:
             return
         del self.sessions[session.guest_id]
@@ -355,13 +501,28 @@ class HostDaemon:
 
     async def _serve_request(self, session: Session, request: FsRequest,
                              received_at: float) -> None:
-        if (session.client_id != replies.NO_CLIENT_ID and not session.fenced
-                and replies.needs_reply_cache(request)):
-            reply = await self._at_most_once(session, request)
-        else:
-            reply = await self._carry_out(session, request)
-        if reply is not None:
-            self._reply(session, reply, received_at)
+        # The session's flow budgets (host/limits.py): the request's bytes count
+        # until it is answered, and its reply's room is reserved before it is
+        # carried out, so that a guest that does not read its replies stops
+        # being read instead of growing the daemon's memory.
+        flow, size, room = session.flow, request_size(request), reply_size(request, session)
+        flow.request_read(size)
+        try:
+            await flow.reply_room(room)
+            try:
+                if session.closed:
+                    return
+                if (session.client_id != replies.NO_CLIENT_ID and not session.fenced
+                        and replies.needs_reply_cache(request)):
+                    reply = await self._at_most_once(session, request)
+                else:
+                    reply = await self._carry_out(session, request)
+                if reply is not None:
+                    self._reply(session, reply, received_at)
+            finally:
+                flow.reply_sent(room)
+        finally:
+            flow.request_done(size)
 
     def _reply(self, session: Session, reply: FsReply, received_at: float) -> None:
         """Send `reply` to a request received at `received_at`, marked
@@ -418,6 +579,8 @@ class HostDaemon:
             reply = await handler(self, session, request)
         except OSError as exc:
             self.stats.errors += 1
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                self._fd_refused(session, exc)
             reply = FsReply(request.unique, -(exc.errno or errno.EIO),
                             lease=getattr(exc, "lease", NO_LEASE))
         except Exception:  # a bug must not take the daemon down
@@ -872,6 +1035,37 @@ class HostDaemon:
     def write_stats(self, path: str) -> None:
         with open(path, "w") as f:
             json.dump(self.stats_dict(), f, indent=2)
+
+
+def budget_for(config: HostConfig) -> FdBudget:
+    """The descriptor budget of a daemon with `config` (host/limits.py)."""
+    limit = config.fd_limit
+    if limit is None:
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if limit == resource.RLIM_INFINITY:
+            limit = 1 << 20
+    return FdBudget.derive(limit, max_sessions=config.max_sessions,
+                           max_handshakes=config.max_handshakes,
+                           handles_per_guest=config.max_handles_per_guest,
+                           nodeids_per_guest=config.max_nodeids_per_guest)
+
+
+_SMALL_REPLY = 512  # the room reserved for a reply without data (attributes, an entry)
+
+
+def request_size(request: FsRequest) -> int:
+    """What a request holds in memory while in flight, about (its data, if any)."""
+    data = getattr(request.op, "data", None)
+    return 64 + (len(data) if data is not None else 0)
+
+
+def reply_size(request: FsRequest, session: Session) -> int:
+    """The most a reply to `request` may carry, about: READ and READDIR carry
+    up to the size asked (within the frame), the others little."""
+    size = getattr(request.op, "size", None)
+    if request.opcode in (Opcode.READ, Opcode.READDIR) and isinstance(size, int):
+        return min(size, session.conn.max_frame) + 64
+    return _SMALL_REPLY
 
 
 async def _all(coroutines) -> None:

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 
 from host.leases import term_end
+from host.limits import FlowControl
 from protocol import wire
 from protocol.connection import Connection, Role, State
 from protocol.messages import Policy
@@ -25,6 +26,15 @@ def printable(text: str, limit: int = 80) -> str:
     written as a Python escape, and at most `limit` characters are kept."""
     escaped = text.encode("unicode_escape").decode("ascii")
     return escaped if len(escaped) <= limit else escaped[:limit] + "..."
+
+
+def peer_address(transport: asyncio.BaseTransport) -> str:
+    """The peer's address without its port, the key of per-peer limits; every
+    Unix-socket peer is "unix" (only the daemon's own user can connect)."""
+    peer = transport.get_extra_info("peername")
+    if isinstance(peer, tuple) and peer:
+        return str(peer[0])
+    return "unix"
 
 
 @dataclass
@@ -43,9 +53,30 @@ class HostConfig:
     # before anything else is served.
     token: bytes | None = None
     # A connection that has not finished HELLO (and AUTH) by then is closed, so
-    # that silent or slow peers cannot hold sockets; at most max_sessions may
-    # be that far at once.
+    # that silent or slow peers cannot hold sockets; at most max_handshakes may
+    # be that far at once, at most handshakes_per_peer of them from one address.
     handshake_timeout_ms: int = 5000
+    max_handshakes: int = 64
+    handshakes_per_peer: int = 8
+    # host/limits.py, FlowControl: a session's unsent output, and its requests
+    # in flight, in bytes; a session whose output stays over its bound this
+    # long is disconnected; a started frame must be complete this long after.
+    output_bound: int = 1 << 20
+    input_bound: int = 2 << 20
+    output_timeout_ms: int = 5000
+    frame_timeout_ms: int = 10000
+    # An authenticated session that sends nothing for this long, has no open
+    # handle and no live lease term (host/server.py, `_idle_sweep`) is closed.
+    idle_timeout_ms: int = 60000
+    # A wrong token is refused after this delay, doubled per recent failure of
+    # the same peer address, at most wrong_token_max_delay_ms.
+    wrong_token_delay_ms: int = 100
+    wrong_token_max_delay_ms: int = 2000
+    # Node ids one guest may hold; None: a quarter of the descriptor budget
+    # (host/limits.py, FdBudget).  max_handles_per_guest is capped the same way.
+    max_nodeids_per_guest: int | None = None
+    # The descriptor limit to budget; None: RLIMIT_NOFILE's soft limit now.
+    fd_limit: int | None = None
 
 
 @dataclass
@@ -80,6 +111,16 @@ class HostStats:
     # inode without a lease while its recall ran, and could not be held back
     # (they owed its ACK, or asked by LOOKUP).
     late_recalls: int = 0
+    # host/limits.py: what the budgets did
+    output_paused: int = 0  # times a session's output went over its bound (reading paused)
+    output_stuck: int = 0  # sessions disconnected for staying over it
+    slow_frames: int = 0  # sessions disconnected for a frame not complete in time
+    idle_closed: int = 0  # authenticated sessions closed for idleness
+    handshakes_per_peer_refused: int = 0  # a peer address held all its handshake slots
+    handshakes_evicted: int = 0  # the oldest handshake of the busiest peer, for a newcomer
+    wrong_token_delays_ms: int = 0  # total delay before refusing wrong tokens
+    fd_refusals: int = 0  # EMFILE/ENFILE from the descriptor budget
+    unsupported_noreply: int = 0  # unknown opcodes without NEED_REPLY (no reply sent)
 
     def as_dict(self) -> dict:
         d = dict(self.__dict__)
@@ -116,6 +157,11 @@ class Session:
         self._owing: asyncio.Future | None = None  # when_owing
         self.host_nonce = b""  # the AUTH challenge sent in the HELLO reply
         self.handshake_timer: asyncio.TimerHandle | None = None
+        self.peer = peer_address(transport)
+        self.peer_slot = False  # holds one of its peer's handshake slots (host/limits.py)
+        self.accepted_at = self.last_seen
+        self.flow: FlowControl | None = None  # set by the daemon (host/limits.py)
+        self.unsupported_logged = False
 
     def send(self, message) -> None:
         """Write `message`; dropped if the connection has failed or is closing (the

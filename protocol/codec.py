@@ -415,7 +415,8 @@ def _decode_fs_request(flags: int, payload: bytes) -> FsRequest:
         opcode = Opcode(h.opcode)
         cls, schema = REQUEST_BODIES[opcode]
     except (ValueError, KeyError):
-        raise UnsupportedOpcode(h.unique, h.opcode) from None
+        raise UnsupportedOpcode(h.unique, h.opcode,
+                                bool(flags & wire.FLAG_NEED_REPLY)) from None
     what = f"{opcode.name} body"
     body = _parse(schema, payload[fuse.FUSE_IN_HEADER_SIZE:], what)
     if opcode == Opcode.WRITE and body.size != len(body.data):
@@ -436,13 +437,17 @@ def _decode_fs_request(flags: int, payload: bytes) -> FsRequest:
 class UnsupportedOpcode(RemoteProtocolError):
     """A well-formed FS request with an opcode this server does not implement.
 
-    Not fatal: the server answers it with -ENOSYS and keeps the connection.
+    Not fatal: the server answers it with -ENOSYS and keeps the connection,
+    unless the frame's NEED_REPLY flag is clear (`needs_reply` False): then
+    the sender awaits no reply, and the server sends none (a reply to a
+    `unique` the sender does not await would be fatal at its end).
     """
 
-    def __init__(self, unique: int, opcode: int):
+    def __init__(self, unique: int, opcode: int, needs_reply: bool = True):
         super().__init__(f"unsupported FUSE opcode {opcode}")
         self.unique = unique
         self.opcode = opcode
+        self.needs_reply = needs_reply
 
 
 def _decode_fs_reply(payload: bytes, reply_opcode) -> FsReply:

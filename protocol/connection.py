@@ -188,6 +188,12 @@ class Connection:
     def max_payload(self) -> int:
         return self.max_frame
 
+    @property
+    def unfinished_frame(self) -> int:
+        """Bytes received of a frame not complete yet (0 between frames): the
+        daemon gives a started frame a deadline (host/limits.py)."""
+        return len(self._buffer) - self._pos
+
     # --- sending -------------------------------------------------------------
 
     def send(self, message: Message) -> bytes:
@@ -337,6 +343,8 @@ class Connection:
         except codec.UnsupportedOpcode as exc:
             if self.role is not Role.HOST or self.state is not State.READY:
                 self._fail(RemoteProtocolError(str(exc)))
+            if not exc.needs_reply:
+                raise  # the sender awaits no reply: nothing is outstanding
             if exc.unique in self._pending_fs:
                 self._fail(RemoteProtocolError(f"unique {exc.unique} is already outstanding"))
             # Outstanding, so that the host's -ENOSYS reply is in turn.

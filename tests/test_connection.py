@@ -592,6 +592,23 @@ def test_unsupported_opcode_gets_enosys(opcode):
     assert host.outstanding_requests == 0
 
 
+def test_unsupported_opcode_without_need_reply_is_consumed_and_not_outstanding():
+    """Issue 13, item 8: the sender of a frame without NEED_REPLY awaits no reply,
+    so the unknown opcode is raised with needs_reply False, nothing is recorded
+    outstanding (a reply would be refused), and the connection reads on.
+    Failed before: the unique was recorded and the host could answer it."""
+    guest, host = pair()
+    host.receive_data(fs_frame(9999, b"junk", unique=42, flags=0x1)
+                      + guest.send(FsRequest(43, 1, Getattr())))
+    with pytest.raises(codec.UnsupportedOpcode) as info:
+        host.next_event()
+    assert not info.value.needs_reply
+    assert host.state is State.READY and host.outstanding_requests == 0
+    with pytest.raises(LocalProtocolError, match="not outstanding"):
+        host.send(FsReply(42, -errno.ENOSYS))
+    assert host.next_event() == FsRequest(43, 1, Getattr())
+
+
 def test_unsupported_opcode_repeating_an_outstanding_unique_is_fatal():
     guest, host = pair()
     deliver(guest, host, FsRequest(42, 1, Getattr()))
@@ -737,7 +754,8 @@ def consume(conn: Connection, data: bytes, eof: bool) -> None:
                 event = conn.next_event()
             except codec.UnsupportedOpcode as exc:
                 assert conn.role is Role.HOST
-                conn.send(FsReply(exc.unique, -errno.ENOSYS))
+                if exc.needs_reply:  # else nothing is outstanding: no reply (the daemon's way)
+                    conn.send(FsReply(exc.unique, -errno.ENOSYS))
                 continue
             if event is NEED_DATA or isinstance(event, ConnectionClosed):
                 return
