@@ -148,10 +148,10 @@ class FlowControl:
 
     Output: the transport's write buffer is bounded by `output_bound` (its
     high-water mark; asyncio calls `pause_writing` above it).  A request
-    reserves room for its reply before it is carried out (`reply_room`),
-    so that replies being built count too: at most one reply goes over the
-    bound.  While over, the session's requests are not read
-    (`pause_reading`); if it stays over for `output_timeout` seconds,
+    whose reply carries data waits for room before it is carried out
+    (`reply_room`): at most one such reply goes over the bound.  While
+    over, the session's requests are not read (`pause_reading`); if it
+    stays over for `output_timeout` seconds,
     `on_stuck` is called (the daemon disconnects the session).
 
     Input: the bytes of requests in flight (read, not yet answered) are
@@ -164,7 +164,7 @@ class FlowControl:
     """
 
     def __init__(self, transport: asyncio.Transport, *, output_bound: int, input_bound: int,
-                 output_timeout: float, frame_timeout: float,
+                 output_timeout: float, frame_timeout: float, small_reply: int = 512,
                  on_stuck: Callable[[], None], on_slow_frame: Callable[[], None]):
         self.transport = transport
         self.output_bound = output_bound
@@ -176,6 +176,7 @@ class FlowControl:
         self.writing_paused = False
         self.reading_paused = False
         self.reserved = 0  # bytes of replies being built
+        self.small = small_reply
         self.in_flight = 0  # bytes of requests read and not yet answered
         self.paused_count = 0  # times output went over the bound
         self._room = asyncio.Event()
@@ -188,7 +189,7 @@ class FlowControl:
         self._closed = False
         try:
             transport.set_write_buffer_limits(high=output_bound, low=output_bound // 4)
-        except (AttributeError, NotImplementedError):  # pragma: no cover - every transport here has it
+        except (AttributeError, NotImplementedError):  # pragma: no cover - all ours have it
             pass
 
     # asyncio's callbacks, forwarded by the protocol object
@@ -211,29 +212,43 @@ class FlowControl:
 
     # --- output --------------------------------------------------------------------
 
-    def _over(self, extra: int = 0) -> bool:
-        buffered = self.transport.get_write_buffer_size()
-        return self.writing_paused or buffered + self.reserved + extra > self.output_bound
+    def _blocked(self) -> bool:
+        """No reply with data may be built now: the write buffer is over its
+        high-water mark (asyncio paused us and has not resumed), or what is
+        buffered and reserved is over the bound."""
+        if self._closed:
+            return False
+        return (self.writing_paused
+                or self.transport.get_write_buffer_size() + self.reserved > self.output_bound)
 
     def _update_room(self) -> None:
-        if self._closed or self.reserved == 0 or not self._over():
-            self._room.set()
-        else:
+        if self._blocked():
             self._room.clear()
+        else:
+            self._room.set()
 
-    async def reply_room(self, size: int) -> None:
-        """Wait until a reply of up to `size` bytes may be built, and reserve
-        room for it; `reply_sent(size)` releases it.  One reply may always be
-        built when none is (so a reply larger than the bound still goes).
-        Returns at once once the session is closed (the reply is dropped)."""
-        while not self._closed and self.reserved and self._over(size):
+    async def reply_room(self, size: int) -> int:
+        """Wait until a reply of up to `size` bytes may be built, and reserve room
+        for it; returns the bytes reserved, which `reply_sent` releases.
+
+        A reply with data (over `small` bytes: READ, READDIR) waits while the
+        write buffer is over the bound, so that at most one such reply goes
+        over it; a small one (attributes, an entry, a write's count) never
+        waits, since it may be the answer a recall or a writer waits for,
+        and at most `max_in_flight` of them are outstanding.  Returns at once
+        once the session is closed (the reply is then dropped)."""
+        if size <= self.small:
+            return 0
+        while self._blocked():
             self._room.clear()
             await self._room.wait()
         self.reserved += size
+        return size
 
-    def reply_sent(self, size: int) -> None:
-        self.reserved -= size
-        self._update_room()
+    def reply_sent(self, reserved: int) -> None:
+        if reserved:
+            self.reserved -= reserved
+            self._update_room()
 
     # --- input ---------------------------------------------------------------------
 
@@ -298,11 +313,46 @@ class FlowControl:
     def close(self) -> None:
         """The session is gone: cancel the timers and wake every waiter."""
         self._closed = True
+        self.reading_paused = self.writing_paused = False
         for timer in (self._stuck_timer, self._frame_timer):
             if timer is not None:
                 timer.cancel()
         self._stuck_timer = self._frame_timer = None
         self._room.set()
+
+
+# --- log lines ---------------------------------------------------------------------------
+
+class ThrottledLog:
+    """One log line per kind of event per `interval` seconds, so that a flood of
+    peers cannot flood the log: the first of a kind is logged; the next ones
+    within the interval are only counted, and the count is said with the
+    next line of that kind (or by `flush`, when the daemon stops)."""
+
+    def __init__(self, logger: logging.Logger, interval: float = 10.0):
+        self.logger = logger
+        self.interval = interval
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def warning(self, kind: str, message: str, *args, level: int = logging.WARNING) -> None:
+        now = time.monotonic()
+        if now - self._last.get(kind, -1e18) < self.interval:
+            self._held[kind] = self._held.get(kind, 0) + 1
+            return
+        self._last[kind] = now
+        held = self._held.pop(kind, 0)
+        if held:
+            message += f" ({held} more of this kind since the last such line)"
+        self.logger.log(level, message, *args)
+
+    def info(self, kind: str, message: str, *args) -> None:
+        self.warning(kind, message, *args, level=logging.INFO)
+
+    def flush(self) -> None:
+        for kind, held in sorted(self._held.items()):
+            self.logger.warning("%d more of this kind since the last line: %s", held, kind)
+        self._held.clear()
 
 
 # --- peers -------------------------------------------------------------------------------
@@ -376,7 +426,8 @@ class PeerGate:
         now = time.monotonic() if now is None else now
         entry = self._peer(peer)
         if entry.failures_at:
-            entry.failures = max(0.0, entry.failures - (now - entry.failures_at) / self.failure_decay)
+            decayed = (now - entry.failures_at) / self.failure_decay
+            entry.failures = max(0.0, entry.failures - decayed)
         entry.failures += 1
         entry.failures_at = now
         return min(self.max_delay, self.base_delay * 2 ** (entry.failures - 1))

@@ -23,7 +23,9 @@ import json
 import logging
 import os
 import resource
+import socket
 import stat as stat_module
+import struct
 import time
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
@@ -34,7 +36,7 @@ from host.backend import ExportFS
 from host.detectors import Detector as HostDetector
 from host.detectors import NullDetector
 from host.leases import HOST_LOCAL, WAIT, InodeState, LeaseTable, Recall
-from host.limits import FdBudget, FlowControl, PeerGate
+from host.limits import FdBudget, FlowControl, PeerGate, ThrottledLog
 from host.ops import HANDLERS
 from host.recall import Recaller
 from host.session import HostConfig, HostStats, Session, printable
@@ -140,7 +142,8 @@ class HostDaemon:
                               base_delay=config.wrong_token_delay_ms / 1000.0,
                               max_delay=config.wrong_token_max_delay_ms / 1000.0)
         self._idle_timer: asyncio.TimerHandle | None = None
-        self._refusals_logged_at = -1e9  # EMFILE/ENFILE: one log line per interval
+        # What the budgets do is logged once per kind and interval (host/limits.py).
+        self.throttled = ThrottledLog(log)
         self.boot_id = os.urandom(16)
         self.sessions: dict[int, Session] = {}  # only those that finished the handshake
         self._handshaking: set[Session] = set()
@@ -203,6 +206,7 @@ class HostDaemon:
             self._server.close()
         if self._idle_timer is not None:
             self._idle_timer.cancel()
+        self.throttled.flush()
         for session in [*self.sessions.values(), *self._handshaking]:
             session.transport.close()
         for handle in self._flush_timers.values():
@@ -229,19 +233,21 @@ class HostDaemon:
             output_timeout=cfg.output_timeout_ms / 1000.0,
             frame_timeout=cfg.frame_timeout_ms / 1000.0,
             on_stuck=functools.partial(self._output_stuck, session),
-            on_slow_frame=functools.partial(self._slow_frame, session))
+            on_slow_frame=functools.partial(self._slow_frame, session), small_reply=_SMALL_REPLY)
         if session.peer != "unix" and not self.peers.handshake_slot(session.peer):
             self.stats.handshakes_per_peer_refused += 1
-            log.warning("connection %s: its address has %d handshakes under way already, "
-                        "refusing another", _peer(session), cfg.handshakes_per_peer)
+            self.throttled.warning("handshakes per address",
+                                   "connection %s: its address has %d handshakes under way "
+                                   "already, refusing another", _peer(session), cfg.handshakes_per_peer)
             session.closed = True
             transport.abort()
             return session
         session.peer_slot = session.peer != "unix"
         if len(self._handshaking) >= cfg.max_handshakes and not self._evict_a_handshake(session):
             self.stats.handshakes_refused += 1
-            log.warning("%d connections are still in their handshake: refusing another",
-                        len(self._handshaking))
+            self.throttled.warning("handshake slots full",
+                                   "%d connections are still in their handshake: refusing another",
+                                   len(self._handshaking))
             self._end_handshake(session)
             session.closed = True
             transport.abort()
@@ -254,8 +260,9 @@ class HostDaemon:
     def _handshake_expired(self, session: Session) -> None:
         if session in self._handshaking:
             self.stats.handshakes_refused += 1
-            log.warning("connection %s: no finished handshake in %d ms, closing",
-                        _peer(session), self.config.handshake_timeout_ms)
+            self.throttled.warning("handshake timeout",
+                                   "connection %s: no finished handshake in %d ms, closing",
+                                   _peer(session), self.config.handshake_timeout_ms)
             session.transport.abort()
 
     def _evict_a_handshake(self, newcomer: Session) -> bool:
@@ -270,9 +277,10 @@ class HostDaemon:
         oldest = min((other for other in self._handshaking if other.peer == busiest),
                      key=lambda other: other.accepted_at)
         self.stats.handshakes_evicted += 1
-        log.warning("handshake slots full: closing the oldest handshake of %s (it holds %d) "
-                    "for a connection from %s", printable(busiest), counts[busiest],
-                    printable(newcomer.peer))
+        self.throttled.warning("handshake evicted",
+                               "handshake slots full: closing the oldest handshake of %s "
+                               "(it holds %d) for a connection from %s", printable(busiest), counts[busiest],
+                               printable(newcomer.peer))
         self._end_handshake(oldest)
         oldest.transport.abort()
         return True
@@ -330,8 +338,9 @@ class HostDaemon:
             self.stats.auth_failures += 1
             delay = self.peers.wrong_token_delay(session.peer)
             self.stats.wrong_token_delays_ms += int(delay * 1000)
-            log.warning("connection %s (%s): wrong token, refusing it in %d ms", _peer(session),
-                        session.name, delay * 1000)
+            self.throttled.warning("wrong token",
+                                   "connection %s (%s): wrong token, refusing it in %d ms",
+                                   _peer(session), session.name, delay * 1000)
             asyncio.get_running_loop().call_later(delay, self._refuse_token, session)
             return
         if len(self.sessions) >= self.config.max_sessions:
@@ -349,16 +358,19 @@ class HostDaemon:
 
     def _output_stuck(self, session: Session) -> None:
         self.stats.output_stuck += 1
-        log.warning("guest %s (%d): %d bytes of replies unread for %d ms, disconnecting",
-                    session.name, session.guest_id, session.transport.get_write_buffer_size(),
-                    self.config.output_timeout_ms)
-        session.transport.abort()
+        self.throttled.warning("output stuck",
+                               "guest %s (%d): %d bytes of replies unread for %d ms, disconnecting",
+                               session.name, session.guest_id,
+                               session.transport.get_write_buffer_size(),
+                               self.config.output_timeout_ms)
+        _reset(session.transport)
 
     def _slow_frame(self, session: Session) -> None:
         self.stats.slow_frames += 1
-        log.warning("connection %s, guest %s (%d): a frame not complete %d ms after it began, "
-                    "disconnecting", _peer(session), session.name, session.guest_id,
-                    self.config.frame_timeout_ms)
+        self.throttled.warning("slow frame",
+                               "connection %s, guest %s (%d): a frame not complete %d ms "
+                               "after it began, disconnecting", _peer(session), session.name, session.guest_id,
+                               self.config.frame_timeout_ms)
         session.transport.abort()
 
     def _schedule_idle_sweep(self) -> None:
@@ -385,21 +397,19 @@ class HostDaemon:
             elif self.fs.inodes.held_by(session.guest_id):
                 continue
             self.stats.idle_closed += 1
-            log.info("guest %s (%d): nothing sent for %d ms, no handle, no live lease: "
-                     "closing its session", session.name, session.guest_id,
-                     self.config.idle_timeout_ms)
+            self.throttled.info("idle session",
+                                "guest %s (%d): nothing sent for %d ms, no handle, no live lease: "
+                                "closing its session", session.name, session.guest_id,
+                                self.config.idle_timeout_ms)
             session.transport.close()
 
     def _fd_refused(self, session: Session, exc: OSError) -> None:
         """A lookup or open was refused by the descriptor budget: counted, and
         logged at most once every 10 s."""
         self.stats.fd_refusals += 1
-        now = time.monotonic()
-        if now - self._refusals_logged_at >= 10.0:
-            self._refusals_logged_at = now
-            log.warning("guest %s (%d): %s (%s; %d refusals so far)", session.name,
-                        session.guest_id, os.strerror(exc.errno), exc.strerror,
-                        self.stats.fd_refusals)
+        self.throttled.warning("descriptor budget", "guest %s (%d): %s (%s; %d refusals so far)",
+                               session.name, session.guest_id, os.strerror(exc.errno),
+                               exc.strerror, self.stats.fd_refusals)
 
     # --- bytes in --------------------------------------------------------------
 
@@ -508,7 +518,7 @@ class HostDaemon:
         flow, size, room = session.flow, request_size(request), reply_size(request, session)
         flow.request_read(size)
         try:
-            await flow.reply_room(room)
+            room = await flow.reply_room(room)
             try:
                 if session.closed:
                     return
@@ -1070,6 +1080,19 @@ def reply_size(request: FsRequest, session: Session) -> int:
 
 async def _all(coroutines) -> None:
     await asyncio.gather(*coroutines)
+
+
+def _reset(transport: asyncio.Transport) -> None:
+    """Abort with a TCP reset: a plain close would leave the unsent replies to the
+    kernel, which keeps trying to deliver them (and its FIN after them) to a
+    peer that does not read."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+    transport.abort()
 
 
 def _peer(session: Session) -> str:

@@ -192,6 +192,7 @@ def silent_session(address: str, token: bytes | None = None, name: str = "silent
     peer = Peer(address)
     error = peer.handshake(name, token)
     if error:
+        peer.close()
         raise OSError(-error, f"handshake refused: {os.strerror(-error)}")
     return peer
 
@@ -206,18 +207,27 @@ class Flood:
     peers: list[Peer] = field(default_factory=list)
     refused: int = 0
 
-    def fill(self) -> None:
+    def fill(self, deadline: float | None = None) -> None:
         """Open connections until each source holds `per_source` (closed ones are
-        replaced: the refresh of the attack)."""
-        self.peers = [p for p in self.peers if not p.closed_by_daemon(0)]
+        replaced: the refresh of the attack), or until time.monotonic() passes
+        `deadline`."""
+        kept = []
+        for p in self.peers:
+            if p.closed_by_daemon(0):
+                p.close()
+            else:
+                kept.append(p)
+        self.peers = kept
         have: dict[str, int] = {}
         for p in self.peers:
             src = p.sock.getsockname()[0]
             have[src] = have.get(src, 0) + 1
         for source in self.sources:
             for _ in range(self.per_source - have.get(source, 0)):
+                if deadline is not None and time.monotonic() > deadline:
+                    return
                 try:
-                    self.peers.append(Peer(self.address, source=source, timeout=2.0))
+                    self.peers.append(Peer(self.address, source=source, timeout=0.5))
                 except OSError:
                     self.refused += 1
 

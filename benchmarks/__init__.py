@@ -1,0 +1,1 @@
+"""Benchmarks and soaks: figures measured against a baseline of the same run."""
