@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test results bench chaos clean
+.PHONY: demo test results bench chaos soak clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ chaos: $(STAMP)
 
 results: $(STAMP)
 	$(BIN)/cleanlease results
+
+# Each attack of issue 13 against a real daemon while good guests read and write
+# (docs/reliability.md, "make soak"): about 2 minutes; exits 1 if a promise breaks.
+soak: $(STAMP)
+	$(BIN)/python -m benchmarks.soak --duration 8
 
 test: $(STAMP) fio-deps
 	$(BIN)/python -m pytest -q

@@ -4,8 +4,9 @@
 
 Every 100 ms writes one stamped block (writer 99) into PATH, a stamped data
 file of 64 blocks, then prints one JSON line: the writes done, the errors
-(EPERM if the detector could not get a descriptor for the event), and the
-longest a write took (it waits for the recall of the guests' copies).
+(EPERM if the detector could not get a descriptor for the event), and each
+write's (time.monotonic() at start, seconds taken): it waits for the recall
+of the guests' copies.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from workload.stamp import BLOCK_SIZE, Stamp, make_block
 
 def main() -> int:
     path, duration = sys.argv[1], float(sys.argv[2])
-    writes, errors, longest, seq = 0, [], 0.0, 0
+    writes, errors, took, seq = 0, [], [], 0
     end = time.monotonic() + duration
     while time.monotonic() < end:
         time.sleep(0.1)
@@ -33,9 +34,9 @@ def main() -> int:
             writes += 1
         except OSError as exc:
             errors.append(str(exc))
-        longest = max(longest, time.monotonic() - start)
+        took.append((start, time.monotonic() - start))
     print(json.dumps({"writes": writes, "errors": errors[:5], "error_count": len(errors),
-                      "longest_s": longest}), flush=True)
+                      "took": took}), flush=True)
     return 0
 
 

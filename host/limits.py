@@ -141,6 +141,12 @@ def fds_in_use() -> int:
     return len(os.listdir("/proc/self/fd")) - 1  # the listing's own
 
 
+# Frames of one session handled in one turn of the event loop; the rest wait
+# for the next turn (the others' frames and the tasks already started go
+# first), with that session's reading paused meanwhile.
+FRAMES_PER_TURN = 16
+
+
 # --- one session's flow --------------------------------------------------------------
 
 class FlowControl:
@@ -175,6 +181,7 @@ class FlowControl:
         self._on_slow_frame = on_slow_frame
         self.writing_paused = False
         self.reading_paused = False
+        self.held = False  # frames buffered for the next turn
         self.reserved = 0  # bytes of replies being built
         self.small = small_reply
         self.in_flight = 0  # bytes of requests read and not yet answered
@@ -262,8 +269,15 @@ class FlowControl:
         if self.reading_paused:
             self._update_reading()
 
+    def hold_reading(self, held: bool) -> None:
+        """Frames are buffered for the next turn (`FRAMES_PER_TURN`): read no more
+        until they are handled."""
+        if held != self.held:
+            self.held = held
+            self._update_reading()
+
     def _update_reading(self) -> None:
-        pause = self.writing_paused or self.in_flight > self.input_bound
+        pause = self.writing_paused or self.in_flight > self.input_bound or self.held
         if self._closed or pause == self.reading_paused or self.transport.is_closing():
             return
         self.reading_paused = pause

@@ -36,7 +36,7 @@ from host.backend import ExportFS
 from host.detectors import Detector as HostDetector
 from host.detectors import NullDetector
 from host.leases import HOST_LOCAL, WAIT, InodeState, LeaseTable, Recall
-from host.limits import FdBudget, FlowControl, PeerGate, ThrottledLog
+from host.limits import FRAMES_PER_TURN, FdBudget, FlowControl, PeerGate, ThrottledLog
 from host.ops import HANDLERS
 from host.recall import Recaller
 from host.session import HostConfig, HostStats, Session, printable
@@ -416,10 +416,29 @@ class HostDaemon:
     def feed(self, session: Session, data: bytes) -> None:
         """Process bytes from a guest; a protocol error closes only that guest."""
         session.last_seen = time.monotonic()
+        session.conn.receive_data(data)
+        if not session.draining:
+            self._drain(session)
+
+    def _drain(self, session: Session) -> None:
+        """Handle the frames buffered for `session`, at most FRAMES_PER_TURN of
+        them in one turn of the event loop: the rest wait for the next turn,
+        with the session's reading paused meanwhile, so that a guest sending
+        a flood of small frames (FORGETs) cannot keep the loop from the
+        others (host/limits.py)."""
+        session.draining = False
+        if session.closed:
+            return
         conn = session.conn
+        turn = FRAMES_PER_TURN
         try:
-            conn.receive_data(data)
             while True:
+                if turn == 0:
+                    session.draining = True
+                    session.flow.hold_reading(True)
+                    asyncio.get_running_loop().call_soon(self._drain, session)
+                    return
+                turn -= 1
                 try:
                     event = conn.next_event()
                 except UnsupportedOpcode as exc:
@@ -430,6 +449,7 @@ class HostDaemon:
                         self._unsupported_noreply(session, exc)
                     continue
                 if event is NEED_DATA:
+                    session.flow.hold_reading(False)
                     session.flow.frame_progress(conn.unfinished_frame)
                     return
                 if isinstance(event, ConnectionClosed):

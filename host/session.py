@@ -162,6 +162,7 @@ class Session:
         self.accepted_at = self.last_seen
         self.flow: FlowControl | None = None  # set by the daemon (host/limits.py)
         self.unsupported_logged = False
+        self.draining = False  # frames left for the next turn (HostDaemon._drain)
 
     def send(self, message) -> None:
         """Write `message`; dropped if the connection has failed or is closing (the

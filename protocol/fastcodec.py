@@ -13,7 +13,7 @@ format, size or offset in this module is typed in by hand.
 The fast path only ever *succeeds*.  `decode()` returns the message or None;
 `encode_frame()` returns the frame's bytes or None.  None means "ask the
 reference codec": everything the fast path does not handle (cold messages:
-HELLO, FORGET, SETATTR, CREATE, READDIR, INVAL_ENTRY, ...) and everything it
+HELLO, SETATTR, CREATE, READDIR, INVAL_ENTRY, ...) and everything it
 would have to refuse (a wrong length, a bad field, a value out of range)
 goes to `protocol/codec.py`, which decodes it or raises its usual error
 naming the field.  Errors are therefore the reference's by construction;
@@ -56,6 +56,7 @@ from protocol.messages import (
     EmptyOut,
     EntryOut,
     Flush,
+    Forget,
     FsReply,
     FsRequest,
     Fsync,
@@ -277,6 +278,7 @@ assert OUT_HEADER.fields == ("len", "error", "unique")  # as _decode_fs_reply un
 
 FLAGS_REQUEST = wire.PROTOCOL_VERSION | wire.FLAG_NEED_REPLY  # 0x9
 FLAGS_REPLY = wire.PROTOCOL_VERSION | wire.FLAG_REPLY  # 0x5
+FLAGS_NO_REPLY = wire.PROTOCOL_VERSION  # 0x1: FORGET
 _FS = int(wire.Request.FS)
 _INVALIDATE = int(wire.Request.INVALIDATE)
 _INVAL_ENTRY = int(wire.Request.INVAL_ENTRY)
@@ -302,12 +304,17 @@ HOT_REQUESTS = {
     Opcode.FLUSH: Flush,
     Opcode.FSYNC: Fsync,
 }
+# Sent without NEED_REPLY.  FORGET is hot when a peer floods it (issue 13): the
+# reference codec's construct parse cost most of what a failing FORGET costs.
+HOT_NO_REPLY_REQUESTS = {
+    Opcode.FORGET: Forget,
+}
 
 
 class _RequestCodec:
     """Decoding and encoding of the FS requests of one opcode."""
 
-    def __init__(self, opcode: Opcode, cls: type):
+    def __init__(self, opcode: Opcode, cls: type, flags: int = FLAGS_REQUEST):
         ref_cls, schema = codec.REQUEST_BODIES[opcode]
         if ref_cls is not cls:
             raise TypeError(f"{opcode.name}: the reference codec maps it to {ref_cls.__name__}")
@@ -326,7 +333,7 @@ class _RequestCodec:
         exprs = []
         for name in names:
             if name.startswith("frame."):
-                exprs.append(_header_expr(name, str(_FS), str(FLAGS_REQUEST)))
+                exprs.append(_header_expr(name, str(_FS), str(flags)))
             elif name in computed:
                 exprs.append(computed[name])
             elif name.startswith("in."):
@@ -386,11 +393,15 @@ class _RequestCodec:
                                           "_unpack": self.payload.unpack_from}, "decode")
 
 
-_REQUESTS: dict[int, Callable] = {}  # opcode -> decode(buf, start, n)
+_REQUESTS: dict[int, Callable] = {}  # opcode -> decode(buf, start, n), flags 0x9
+_NO_REPLY_REQUESTS: dict[int, Callable] = {}  # the same for flags 0x1
 _REQUEST_ENCODERS: dict[type, Callable] = {}  # op class -> encode(m, op)
 for _opcode, _cls in HOT_REQUESTS.items():
     _c = _RequestCodec(_opcode, _cls)
     _REQUESTS[int(_opcode)], _REQUEST_ENCODERS[_cls] = _c.decode, _c.encode
+for _opcode, _cls in HOT_NO_REPLY_REQUESTS.items():
+    _c = _RequestCodec(_opcode, _cls, FLAGS_NO_REPLY)
+    _NO_REPLY_REQUESTS[int(_opcode)], _REQUEST_ENCODERS[_cls] = _c.decode, _c.encode
 del _c
 
 
@@ -581,10 +592,11 @@ def decode(request: int, flags: int, buf, start: int, n: int,
     where the reference codec would return an equal one.
     """
     if request == _FS:
-        if flags == FLAGS_REQUEST:
+        if flags == FLAGS_REQUEST or flags == FLAGS_NO_REPLY:
             if n < _IN_SIZE:
                 return None
-            decoder = _REQUESTS.get(_OPCODE.unpack_from(buf, start + _OPCODE_AT)[0])
+            decoders = _REQUESTS if flags == FLAGS_REQUEST else _NO_REPLY_REQUESTS
+            decoder = decoders.get(_OPCODE.unpack_from(buf, start + _OPCODE_AT)[0])
             return None if decoder is None else decoder(buf, start, n)
         if flags == FLAGS_REPLY:
             return _decode_fs_reply(buf, start, n, reply_opcode)
