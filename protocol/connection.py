@@ -333,6 +333,11 @@ class Connection:
         if self.fast_codec:
             message = _fast_decode(request, flags, buffer, start, size, self._pending_fs.get)
         try:
+            if message is None and self.fast_codec:
+                unsupported = fastcodec.unsupported_request(request, flags, buffer, start, size)
+                if unsupported is not None:
+                    raise codec.UnsupportedOpcode(*unsupported,
+                                                  needs_reply=(flags & wire.FLAG_NEED_REPLY) != 0)
             if message is None:
                 if type(buffer) is bytes:
                     payload = buffer[start:end]

@@ -614,6 +614,26 @@ def decode(request: int, flags: int, buf, start: int, n: int,
     return None
 
 
+_IN = struct.Struct("<" + IN_HEADER.fmt)
+_IN_FIELD = {name: i for i, name in enumerate(IN_HEADER.fields)}
+_KNOWN_OPCODES = frozenset(int(op) for op in codec.REQUEST_BODIES)
+
+
+def unsupported_request(request: int, flags: int, buf, start: int, n: int):
+    """(unique, opcode) if buf[start:start+n] is an FS request that the reference
+    codec refuses with `codec.UnsupportedOpcode` (a well-formed fuse_in_header,
+    an opcode it does not know), else None: then the reference decides.  A
+    flood of unknown opcodes (issue 13) costs a struct unpack each, not a
+    construct parse and its exception."""
+    if request != _FS or (flags != FLAGS_REQUEST and flags != FLAGS_NO_REPLY) or n < _IN_SIZE:
+        return None
+    fields = _IN.unpack_from(buf, start)
+    if (fields[_IN_FIELD["len"]] != n or fields[_IN_FIELD["total_extlen"]] != 0
+            or fields[_IN_FIELD["opcode"]] in _KNOWN_OPCODES):
+        return None
+    return fields[_IN_FIELD["unique"]], fields[_IN_FIELD["opcode"]]
+
+
 def encode_frame(message) -> bytes | None:
     """The whole frame (12-byte header and payload) of `message`, or None: then
     `codec.encode_payload` must decide.  Bytes only where the reference builds the same."""

@@ -43,6 +43,7 @@ from protocol.messages import (
     EmptyOut,
     EntryOut,
     Flush,
+    Forget,
     FsReply,
     FsRequest,
     Fsync,
@@ -254,6 +255,9 @@ def test_every_hot_message_has_a_fast_path():
     assert set(fastcodec.HOT_REQUESTS) == {Opcode.READ, Opcode.WRITE, Opcode.LOOKUP,
                                            Opcode.GETATTR, Opcode.OPEN, Opcode.RELEASE,
                                            Opcode.FLUSH, Opcode.FSYNC}
+    assert set(fastcodec.HOT_NO_REPLY_REQUESTS) == {Opcode.FORGET}
+    ref, fast = assert_encode_agrees(FsRequest(5, 4242, Forget(3)))
+    assert fast is not None and fast[4] == 0x1  # flags: no NEED_REPLY
     attr = Attr(*range(1, 16))
     samples = [FsReply(1, 0, ReadOut(b"x" * 4096)), FsReply(1, -errno.ENOENT),
                FsReply(1, 0, EntryOut(1, 2, 3, 4, 5, 6, attr)), FsReply(1, 0, AttrOut(1, 2, attr)),
@@ -602,8 +606,10 @@ def _events(conn: Connection, chunks: list[bytes], eof: bool) -> list:
                 try:
                     event = conn.next_event()
                 except codec.UnsupportedOpcode as exc:
-                    out.append(("unsupported", exc.unique, exc.opcode))
-                    conn.send(FsReply(exc.unique, -errno.ENOSYS))
+                    out.append(("unsupported", exc.unique, exc.opcode, exc.needs_reply,
+                                str(exc)))
+                    if exc.needs_reply:  # else nothing is outstanding (issue 13, item 8)
+                        conn.send(FsReply(exc.unique, -errno.ENOSYS))
                     continue
                 out.append(event)
                 if event is NEED_DATA or isinstance(event, ConnectionClosed):
@@ -695,3 +701,21 @@ def test_construct_is_the_reference():
         fuse.ReadIn.parse(bytes(39))
     with pytest.raises(RemoteProtocolError):
         codec.decode_payload(2, 0x9, bytes(fastcodec.IN_HEADER.size), lambda u: None)
+
+
+@pytest.mark.parametrize("flags", [0x9, 0x1])
+@pytest.mark.parametrize("opcode,len_delta,extlen", [(9999, 0, 0), (26, 0, 0), (0, 0, 0),
+                                                     (9999, 1, 0), (9999, -1, 0), (9999, 0, 1),
+                                                     (int(Opcode.FORGET), 0, 0)])
+def test_unknown_opcodes_agree_fast_and_reference(flags, opcode, len_delta, extlen):
+    """The fast path's shortcut for unknown opcodes (issue 13: a flood of them cost a
+    construct parse and its exception each) raises exactly what the reference does,
+    NEED_REPLY or not, and leaves every malformed header to the reference."""
+    body = b"\0" * 8
+    header = struct.pack("<IIQQIIIHH", 40 + len(body) + len_delta, opcode, 77, 1, 0, 0, 0,
+                         extlen, 0)
+    raw = struct.pack("<III", 2, flags, 40 + len(body)) + header + body
+    chunks = [raw, raw.replace(struct.pack("<Q", 77), struct.pack("<Q", 78), 1)]
+    fast = _events(_ready(Role.HOST, True), chunks, False)
+    ref = _events(_ready(Role.HOST, False), chunks, False)
+    assert fast == ref
