@@ -155,7 +155,8 @@ class FlowControl:
     Output: the transport's write buffer is bounded by `output_bound` (its
     high-water mark; asyncio calls `pause_writing` above it).  A request
     whose reply carries data waits for room before it is carried out
-    (`reply_room`): at most one such reply goes over the bound.  While
+    (`reply_room`): while over the bound, at most `max_building` such
+    replies are built.  While
     over, the session's requests are not read (`pause_reading`); if it
     stays over for `output_timeout` seconds,
     `on_stuck` is called (the daemon disconnects the session).
@@ -171,6 +172,7 @@ class FlowControl:
 
     def __init__(self, transport: asyncio.Transport, *, output_bound: int, input_bound: int,
                  output_timeout: float, frame_timeout: float, small_reply: int = 512,
+                 max_building: int = 4,
                  on_stuck: Callable[[], None], on_slow_frame: Callable[[], None]):
         self.transport = transport
         self.output_bound = output_bound
@@ -182,7 +184,9 @@ class FlowControl:
         self.writing_paused = False
         self.reading_paused = False
         self.held = False  # frames buffered for the next turn
-        self.reserved = 0  # bytes of replies being built
+        self.reserved = 0  # bytes of replies with data being built
+        self.building = 0  # how many
+        self.max_building = max_building
         self.small = small_reply
         self.in_flight = 0  # bytes of requests read and not yet answered
         self.paused_count = 0  # times output went over the bound
@@ -220,13 +224,12 @@ class FlowControl:
     # --- output --------------------------------------------------------------------
 
     def _blocked(self) -> bool:
-        """No reply with data may be built now: the write buffer is over its
-        high-water mark (asyncio paused us and has not resumed), or what is
-        buffered and reserved is over the bound."""
+        """No reply with data may be started now: the write buffer is over its
+        bound (asyncio paused us and has not resumed), or `max_building`
+        replies with data are under way already."""
         if self._closed:
             return False
-        return (self.writing_paused
-                or self.transport.get_write_buffer_size() + self.reserved > self.output_bound)
+        return self.writing_paused or self.building >= self.max_building
 
     def _update_room(self) -> None:
         if self._blocked():
@@ -235,25 +238,29 @@ class FlowControl:
             self._room.set()
 
     async def reply_room(self, size: int) -> int:
-        """Wait until a reply of up to `size` bytes may be built, and reserve room
-        for it; returns the bytes reserved, which `reply_sent` releases.
+        """Wait until a reply of up to `size` bytes may be built; returns the
+        bytes it counts for, which `reply_sent` releases.
 
         A reply with data (over `small` bytes: READ, READDIR) waits while the
-        write buffer is over the bound, so that at most one such reply goes
-        over it; a small one (attributes, an entry, a write's count) never
-        waits, since it may be the answer a recall or a writer waits for,
-        and at most `max_in_flight` of them are outstanding.  Returns at once
-        once the session is closed (the reply is then dropped)."""
+        write buffer is over the bound or `max_building` others are under way
+        (a READ may wait inside its handler, for a recall): so at most that
+        many replies with data are built while the buffer is over the bound.
+        A small one (attributes, an entry, a write's count) never waits,
+        since it may be the answer a recall or a writer waits for, and at
+        most `max_in_flight` of them are outstanding.  Returns at once once
+        the session is closed (the reply is then dropped)."""
         if size <= self.small:
             return 0
         while self._blocked():
             self._room.clear()
             await self._room.wait()
+        self.building += 1
         self.reserved += size
         return size
 
     def reply_sent(self, reserved: int) -> None:
         if reserved:
+            self.building -= 1
             self.reserved -= reserved
             self._update_room()
 
