@@ -27,7 +27,7 @@ results: $(STAMP)
 	$(BIN)/cleanlease results
 
 # Each attack of issue 13 against a real daemon while good guests read and write
-# (docs/reliability.md, "make soak"): about 2 minutes; exits 1 if a promise breaks.
+# (docs/reliability.md, "make soak"): about 2.5 minutes; exits 1 if a promise breaks.
 soak: $(STAMP)
 	$(BIN)/python -m benchmarks.soak --duration 8
 
