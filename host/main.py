@@ -74,7 +74,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     limits.add_argument("--output-bound", type=int, default=1 << 20, metavar="BYTES",
                         help="a session's unsent replies; over it its requests are not read "
                              "until it reads (default: %(default)s)")
-    limits.add_argument("--input-bound", type=int, default=2 << 20, metavar="BYTES",
+    limits.add_argument("--input-bound", type=int, default=16 << 20, metavar="BYTES",
                         help="bytes of a session's requests in flight; over it reading pauses "
                              "(default: %(default)s)")
     limits.add_argument("--output-timeout", type=int, default=5000, metavar="MS",

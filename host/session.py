@@ -62,7 +62,7 @@ class HostConfig:
     # in flight, in bytes; a session whose output stays over its bound this
     # long is disconnected; a started frame must be complete this long after.
     output_bound: int = 1 << 20
-    input_bound: int = 2 << 20
+    input_bound: int = 16 << 20
     output_timeout_ms: int = 5000
     frame_timeout_ms: int = 10000
     # An authenticated session that sends nothing for this long, has no open
