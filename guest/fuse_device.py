@@ -1,6 +1,6 @@
 """/dev/fuse and mount(2), with ctypes and os: the kernel end of a mounting guest.
 
-Everything here is bytes and syscalls; `guest/mount.py` decides what to say.
+Everything here is bytes and syscalls; `guest/mount/` decides what to say.
 The structures are the ones in `protocol/fuse.py` (defined once there); the
 few this module needs that are not there yet are defined below, once, and
 marked so (they belong in protocol/fuse.py).

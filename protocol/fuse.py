@@ -5,7 +5,7 @@ Everything here is the kernel's own ABI (include/uapi/linux/fuse.h, protocol
 little-endian layouts of the headers and bodies.  The host protocol carries
 these bytes unchanged inside its frames, so a payload is exactly what a
 virtio-fs request or notification queue would carry; the mounting guest
-(`guest/mount.py`) writes the very same structures to /dev/fuse.
+(`guest/mount/`) writes the very same structures to /dev/fuse.
 """
 
 from __future__ import annotations

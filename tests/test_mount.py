@@ -1,4 +1,4 @@
-"""A guest that mounts: the kernel page cache as the guest cache (guest/mount.py).
+"""A guest that mounts: the kernel page cache as the guest cache (guest/mount/).
 
 Every guest here is a real `cleanlease guest --mount` process serving a real
 FUSE mount through /dev/fuse, against a real `cleanlease host` process.  All

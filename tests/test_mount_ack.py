@@ -1,6 +1,6 @@
 """An ACK from a mount means the kernel dropped its copy (issue 11, item 4).
 
-The mount here runs in the test process (guest/mount.py's GuestMount on a
+The mount here runs in the test process (guest/mount/core.py's GuestMount on a
 real /dev/fuse, against a real `cleanlease host` process), so that a test can
 put it into the states a stopping mount goes through: its notifier threads
 busy and then shut down, its /dev/fuse closed.  Every file access on the

@@ -186,7 +186,7 @@ def test_an_inval_inode_while_a_getattr_waits_makes_the_read_stop_at_the_old_siz
     fuse_reverse_inval_inode moves fi->attr_version on; fuse_change_attributes
     then drops the reply, and filemap_read stops at the old i_size although a
     READ was answered with the new length.  A 1-byte FUSE_NOTIFY_STORE at the
-    new end grows i_size first (what guest/mount.py's _repair_size does)."""
+    new end grows i_size first (what guest/mount/size.py's _repair_size does)."""
     with MiniServer(tmp_path / "mnt", b"abc", attr_valid_s=0) as server:
         reader = app(os.path.join(server.mountpoint, "f"))
         assert reader.ask("pread") == b"abc"

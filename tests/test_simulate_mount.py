@@ -84,7 +84,7 @@ def test_simulate_mount_clean_lease_hits_and_never_does_not(workdir, workload):
 
     never = simulate(workdir, workload, "never")
     _coherent(never)
-    # Under `never` the mount opens every file FOPEN_DIRECT_IO (guest/mount.py,
+    # Under `never` the mount opens every file FOPEN_DIRECT_IO (guest/mount/,
     # _open_flags) and keeps attributes and entries for 0 s: read(2) on a
     # DIRECT_IO file bypasses the page cache, even within one open, so every
     # read op sends a READ and none can hit.

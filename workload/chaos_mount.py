@@ -28,7 +28,7 @@ permutations, so each comes once in every three faults), each against a
 mount guest that is up at that instant:
 
 * cut-mount-connection: the guest really loses its socket.  The mount guest
-  has no fault hook (a mount ends with its session: guest/mount.py), so the
+  has no fault hook (a mount ends with its session: guest/mount/), so the
   coordinator takes a duplicate of the guest's socket to the host with
   pidfd_getfd(2) and shuts it down (both directions): the guest reads EOF,
   the host sees the connection end.

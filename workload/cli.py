@@ -310,7 +310,7 @@ def _guest_mount_actor(args) -> int:
 
 
 def _guest_mount(args) -> int:
-    """`cleanlease guest --connect ADDR --mount MNT`: a guest that mounts (guest/mount.py)."""
+    """`cleanlease guest --connect ADDR --mount MNT`: a guest that mounts (guest/mount/)."""
     import logging
 
     from guest.fuse_device import unavailable_reason

@@ -8,7 +8,7 @@ which is this module.  One process, two kinds of thread:
 
 * the **main thread** runs the event loop: `MountClient` (the connection to
   the host) and `GuestMount`, which reads /dev/fuse and answers every kernel
-  request there (guest/mount.py; its notifier threads write the
+  request there (guest/mount/; its notifier threads write the
   invalidations).  It never touches the mount with a system call.
 * the **actor thread** runs the workload's schedule with plain system calls
   on files under the mountpoint (os.open, os.pread, os.pwrite, os.fsync,

@@ -1,0 +1,225 @@
+"""The mount's coherence machinery, a part of `GuestMount`: notifications to the
+kernel on notifier threads (R1, R2), purges of tainted pages (R4, R5), and
+the lease rules for what the kernel may keep (R3, R4)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import errno
+import logging
+import os
+import time
+
+from guest.mount.state import NotificationFailed, _Inode
+from protocol import fuse
+from protocol.messages import InvalEntry, Invalidate, LeaseGrant
+
+log = logging.getLogger("cleanlease.mount")
+
+
+class Coherence:
+    # --- notifications (R1, R2) -------------------------------------------------------
+
+    def _notify(self, kind: str, fn, *args) -> asyncio.Future:
+        """Run one notification write on a notifier thread; the future gives
+        (errno, ns taken).  Once the mount has stopped (the notifier is shut
+        down, /dev/fuse closed) it fails at once: nothing can reach the kernel."""
+
+        def run():
+            started = time.monotonic_ns()
+            err = fn(*args)
+            return err, time.monotonic_ns() - started
+
+        def done(f: asyncio.Future) -> None:
+            if f.cancelled() or f.exception() is not None:
+                self.stats.notify_errors += 1
+                return
+            err, took = f.result()
+            self.stats.notify_max_ns = max(self.stats.notify_max_ns, took)
+            if kind == "inode":
+                self.stats.notify_inval_inode += 1
+            elif kind == "entry":
+                self.stats.notify_inval_entry += 1
+            if err == errno.ENOENT:
+                self.stats.notify_nothing_cached += 1
+            elif err:
+                self.stats.notify_errors += 1
+                log.warning("notify %s%r: %s", kind, args, os.strerror(err))
+
+        try:
+            future = asyncio.wrap_future(self.notifier.submit(run), loop=self.loop)
+        except RuntimeError:  # the notifier is shut down: the mount has stopped
+            future = self.loop.create_future()
+            future.set_exception(NotificationFailed(errno.ESHUTDOWN))
+        future.add_done_callback(done)
+        return future
+
+    def _on_invalidate(self, event) -> asyncio.Future | None:
+        """Tell the kernel to drop its copy.  The client ACKs when the returned
+        future completes, and only if it succeeds (R2): the notification was
+        written and the kernel answered 0, or ENOENT (it holds no such inode or
+        name, so nothing is cached: fuse_reverse_inval_inode/_entry).  A
+        notification that was cancelled or failed (the mount stopping, /dev/fuse
+        closed) fails the future: no ACK, and the host treats this guest as
+        silent until its term has run out."""
+        if isinstance(event, Invalidate):
+            self.stats.invalidations += 1
+        elif isinstance(event, InvalEntry):
+            self.stats.inval_entries += 1
+        else:  # pragma: no cover
+            return None
+        if not self.initialized.done():
+            return None  # before INIT is answered the kernel cannot have cached anything
+        if isinstance(event, Invalidate):
+            future = self._purge(event.ino, event.offset, event.length)
+        else:
+            future = self._notify("entry", self.dev.notify_inval_entry, event.parent, event.name,
+                                  0)
+        self.stats.acks_held += 1
+        return self._succeeded(future)
+
+    def _succeeded(self, notification: asyncio.Future) -> asyncio.Future:
+        """A future that succeeds once `notification` has, and fails otherwise."""
+        outcome = self.loop.create_future()
+
+        def done(f: asyncio.Future) -> None:
+            if outcome.done():
+                return
+            if f.cancelled():
+                err = errno.ECANCELED
+            elif f.exception() is not None:
+                exc = f.exception()
+                err = exc.errno if isinstance(exc, NotificationFailed) else errno.EIO
+            else:
+                err = f.result()[0]
+            if err in (0, errno.ENOENT):
+                outcome.set_result(None)
+            else:
+                self.stats.acks_withheld += 1
+                outcome.set_exception(NotificationFailed(err))
+
+        notification.add_done_callback(done)
+        return outcome
+
+    def _inode(self, nodeid: int) -> _Inode:
+        """Called before data of `nodeid` can reach the page cache (READ, STORE)."""
+        st = self.inodes.get(nodeid)
+        if st is None:
+            st = self.inodes[nodeid] = _Inode()
+        if nodeid not in self._announced:
+            self._announce(nodeid)
+        return st
+
+    def _purge(self, nodeid: int, off: int = 0, length: int = 0) -> asyncio.Future:
+        """Drop the kernel's pages (from `off`; all by default) and attributes of
+        `nodeid`.  A whole-file purge clears the tainted mark unless an unleased
+        READ reply went out while it ran."""
+        st = self._inode(nodeid)
+        taint_seq, fill_seq = st.taint_seq, st.fill_seq
+        future = self._notify("inode", self.dev.notify_inval_inode, nodeid, off, length)
+
+        def done(f: asyncio.Future) -> None:
+            if f.cancelled() or f.exception() is not None or off != 0 or length > 0:
+                return
+            if f.result()[0] not in (0, errno.ENOENT):
+                return  # nothing was dropped
+            if st.taint_seq == taint_seq:
+                st.tainted = False
+            if st.fill_seq == fill_seq:
+                st.may_have_pages = False
+
+        future.add_done_callback(done)
+        return future
+
+    async def _drain_and_purge(self, nodeid: int, reads: list[asyncio.Future]) -> None:
+        """R4: wait until the READs in `reads` are answered, then drop tainted pages."""
+        if reads:
+            await asyncio.wait(reads)
+        st = self.inodes.get(nodeid)
+        if st is not None and st.tainted:
+            self.stats.purges += 1
+            await self._purge(nodeid)
+
+    def _schedule_purge(self, nodeid: int) -> None:
+        st = self._inode(nodeid)
+        if st.purge_scheduled:
+            return
+        st.purge_scheduled = True
+
+        async def run():
+            st.purge_scheduled = False  # a taint from now on schedules another
+            if st.tainted:
+                self.stats.purges += 1
+                await self._purge(nodeid)
+
+        task = asyncio.ensure_future(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _own_modification(self, nodeid: int, lease: LeaseGrant) -> None:
+        """R5: after our own modification of `nodeid` the kernel may not keep its pages."""
+        ino = lease.ino or nodeid
+        if lease.ino:
+            self.cache.invalidate_inode(lease.ino, lease.generation)
+        else:
+            self.cache.forget_own_copy(ino)
+        if not self.leases:
+            return
+        st = self.inodes.get(ino)
+        if st is not None and (st.may_have_pages or st.reads or st.tainted):
+            self.stats.purges += 1
+            await self._purge(ino)
+
+    # --- lease rules for what the kernel may keep (R3, R4) ---------------------------
+
+    def _accept(self, lease: LeaseGrant) -> bool:
+        """True if the reply's content may stay cached in the kernel."""
+        return self.leases and self.cache.accept_grant(lease) and self.cache.may_serve_data(lease.ino)
+
+    def _valid_for(self, granted: bool, sec: int, nsec: int) -> tuple[int, int]:
+        """Kernel timeout for attributes/entries: the host's, capped by the lease."""
+        if not self.leases:
+            return sec, nsec
+        if not granted:
+            return 0, 0
+        remaining = min(self.cache.renewed_until - self.cache.clock(), sec + nsec / 1e9)
+        if remaining <= 0:
+            return 0, 0
+        whole = int(remaining)
+        return whole, int((remaining - whole) * 1e9)
+
+    async def _attrs_granted(self, nodeid: int, lease: LeaseGrant) -> bool:
+        """For a reply carrying attributes of `nodeid`: may the kernel keep them?
+
+        Only under an accepted grant, and only once no tainted page is left
+        (R4): valid attributes let later reads skip the GETATTR check."""
+        if not self._accept(lease):
+            return False
+        st = self.inodes.get(nodeid)
+        if st is not None and (st.tainted or st.reads):
+            await self._drain_and_purge(nodeid, list(st.reads))
+            if st.tainted:
+                return False
+        return self._accept(lease)
+
+    def _entry_bytes(self, parent: int, entry, attr_granted: bool) -> bytes:
+        if self.leases:
+            parent_leased = self.cache.may_serve_data(parent)
+            entry_valid = self._valid_for(parent_leased, entry.entry_valid, entry.entry_valid_nsec)
+        else:
+            entry_valid = (entry.entry_valid, entry.entry_valid_nsec)
+        attr_valid = self._valid_for(attr_granted, entry.attr_valid, entry.attr_valid_nsec)
+        self._size_sent(entry.nodeid, entry.attr)
+        self._lookups[entry.nodeid] = self._lookups.get(entry.nodeid, 0) + 1
+        return fuse.EntryOut.build({
+            "nodeid": entry.nodeid, "generation": entry.generation,
+            "entry_valid": entry_valid[0], "attr_valid": attr_valid[0],
+            "entry_valid_nsec": entry_valid[1], "attr_valid_nsec": attr_valid[1],
+            "attr": dataclasses.asdict(entry.attr)})
+
+    def _attr_bytes(self, nodeid: int, out, granted: bool) -> bytes:
+        valid = self._valid_for(granted, out.attr_valid, out.attr_valid_nsec)
+        self._size_sent(nodeid, out.attr)
+        return fuse.AttrOut.build({"attr_valid": valid[0], "attr_valid_nsec": valid[1],
+                                   "attr": dataclasses.asdict(out.attr)})

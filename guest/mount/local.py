@@ -1,0 +1,102 @@
+"""Requests the mount answers itself, without the host."""
+
+from __future__ import annotations
+
+import errno
+import logging
+from typing import TYPE_CHECKING
+
+from guest.fuse_device import (
+    FUSE_ASYNC_READ,
+    FUSE_AUTO_INVAL_DATA,
+    FUSE_BIG_WRITES,
+    FUSE_MAX_PAGES,
+    FUSE_PARALLEL_DIROPS,
+    BatchForgetIn,
+    ForgetOne,
+    StatfsOut,
+)
+from guest.mount.state import PAGE
+from protocol import fuse
+from protocol.fuse import Opcode
+
+if TYPE_CHECKING:  # the mount imports these handlers: name its type only for checkers
+    from guest.mount.core import GuestMount
+
+log = logging.getLogger("cleanlease.mount")
+
+
+def _init(m: GuestMount, h, body) -> None:
+    arg = fuse.InitIn.parse(bytes(body[: fuse.InitIn.sizeof()]).ljust(fuse.InitIn.sizeof(), b"\0"))
+    if arg.major != fuse.KERNEL_MAJOR:
+        log.error("kernel FUSE major %d; only 7 is spoken", arg.major)
+        m.dev.reply(h.unique, -errno.EPROTO)
+        return
+    wanted = FUSE_ASYNC_READ | FUSE_BIG_WRITES | FUSE_AUTO_INVAL_DATA | FUSE_PARALLEL_DIROPS
+    wanted |= FUSE_MAX_PAGES
+    out = fuse.InitOut.build({
+        "major": fuse.KERNEL_MAJOR, "minor": min(arg.minor, fuse.KERNEL_MINOR),
+        "max_readahead": arg.max_readahead, "flags": arg.flags & wanted,
+        "max_background": 16, "congestion_threshold": 12, "max_write": m.max_io,
+        "time_gran": 1, "max_pages": m.max_pages, "map_alignment": 0, "flags2": 0,
+        "max_stack_depth": 0, "request_timeout": 0})
+    m.dev.reply(h.unique, 0, out)
+    if not arg.flags & FUSE_AUTO_INVAL_DATA and m.leases:
+        log.warning("kernel lacks FUSE_AUTO_INVAL_DATA: reads of unleased cached files "
+                    "are not re-checked (docs/mount.md, R4)")
+    if not m.initialized.done():
+        m.initialized.set_result(arg.minor)
+
+
+def _forget(m: GuestMount, h, body) -> None:
+    nlookup = fuse.ForgetIn.parse(bytes(body)).nlookup
+    m._forgotten(h.nodeid, nlookup)
+    m.client.forget(h.nodeid, nlookup)
+
+
+def _batch_forget(m: GuestMount, h, body) -> None:
+    count = BatchForgetIn.parse(bytes(body[:8])).count
+    size = ForgetOne.sizeof()
+    for i in range(count):
+        one = ForgetOne.parse(bytes(body[8 + i * size: 8 + (i + 1) * size]))
+        m._forgotten(one.nodeid, one.nlookup)
+        m.client.forget(one.nodeid, one.nlookup)
+
+
+def _opendir(m: GuestMount, h, body) -> None:
+    # The host reads directories by node id; no handle is needed.
+    m.dev.reply(h.unique, 0, fuse.OpenOut.build({"fh": 0, "open_flags": 0, "backing_id": 0}))
+
+
+def _empty(m: GuestMount, h, body) -> None:
+    m.dev.reply(h.unique, 0)  # RELEASEDIR, ACCESS (default_permissions checks modes)
+
+
+def _statfs(m: GuestMount, h, body) -> None:
+    # The protocol has no STATFS yet: report a large, mostly free file system.
+    m.dev.reply(h.unique, 0, StatfsOut.build({
+        "blocks": 1 << 30, "bfree": 1 << 29, "bavail": 1 << 29, "files": 1 << 24,
+        "ffree": 1 << 23, "bsize": PAGE, "namelen": 255, "frsize": PAGE}))
+
+
+def _interrupt(m: GuestMount, h, body) -> None:
+    pass  # the request runs to completion and is answered normally
+
+
+def _destroy(m: GuestMount, h, body) -> None:
+    m.dev.reply(h.unique, 0)
+    m.request_stop("the kernel sent DESTROY")
+
+
+LOCAL = {
+    Opcode.INIT: _init,
+    Opcode.FORGET: _forget,
+    Opcode.BATCH_FORGET: _batch_forget,
+    Opcode.OPENDIR: _opendir,
+    Opcode.RELEASEDIR: _empty,
+    Opcode.ACCESS: _empty,
+    Opcode.STATFS: _statfs,
+    Opcode.INTERRUPT: _interrupt,
+    Opcode.DESTROY: _destroy,
+}
+
