@@ -63,20 +63,6 @@ BatchForgetIn = Struct("count" / Int32ul, Padding(4))
 ForgetOne = Struct("nodeid" / Int64ul, "nlookup" / Int64ul)
 # fuse_notify_store_out (24 bytes), followed by `size` bytes of data
 NotifyStoreOut = Struct("nodeid" / Int64ul, "offset" / Int64ul, "size" / Int32ul, Padding(4))
-# fuse_statfs_out = struct fuse_kstatfs (80 bytes)
-StatfsOut = Struct(
-    "blocks" / Int64ul,
-    "bfree" / Int64ul,
-    "bavail" / Int64ul,
-    "files" / Int64ul,
-    "ffree" / Int64ul,
-    "bsize" / Int32ul,
-    "namelen" / Int32ul,
-    "frsize" / Int32ul,
-    Padding(4),
-    Padding(24),
-)
-
 
 class FuseUnavailable(RuntimeError):
     """This machine cannot mount a FUSE file system from here; the message says why."""

@@ -26,18 +26,23 @@ from protocol.messages import (
     AttrOut,
     Auth,
     AuthReply,
+    BytesOut,
+    CopyFileRange,
     Create,
     CreateOut,
     Detector,
     DirEntry,
     EmptyOut,
     EntryOut,
+    Fallocate,
     Flush,
     Forget,
     FsReply,
     FsRequest,
     Fsync,
+    Fsyncdir,
     Getattr,
+    Getxattr,
     Heartbeat,
     HeartbeatReply,
     Hello,
@@ -45,20 +50,32 @@ from protocol.messages import (
     InvalEntry,
     Invalidate,
     LeaseGrant,
+    Link,
+    Listxattr,
     Lookup,
+    Lseek,
+    LseekOut,
     Message,
     Mkdir,
+    Mknod,
     Open,
     OpenOut,
     Policy,
     Read,
     Readdir,
     ReaddirOut,
+    Readlink,
     ReadOut,
     Release,
+    Removexattr,
     Rename,
+    Rename2,
     Rmdir,
     Setattr,
+    Setxattr,
+    Statfs,
+    StatfsOut,
+    Symlink,
     Unlink,
     Write,
     WriteOut,
@@ -82,7 +99,27 @@ REQUEST_BODIES: dict[Opcode, tuple[type, object]] = {
     Opcode.FLUSH: (Flush, fuse.FlushIn),
     Opcode.CREATE: (Create, fuse.CreateIn),
     Opcode.READDIR: (Readdir, fuse.ReadIn),
+    Opcode.READLINK: (Readlink, fuse.ReadlinkIn),
+    Opcode.SYMLINK: (Symlink, fuse.SymlinkIn),
+    Opcode.MKNOD: (Mknod, fuse.MknodIn),
+    Opcode.LINK: (Link, fuse.LinkIn),
+    Opcode.STATFS: (Statfs, fuse.StatfsIn),
+    Opcode.SETXATTR: (Setxattr, fuse.SetxattrIn),
+    Opcode.GETXATTR: (Getxattr, fuse.GetxattrIn),
+    Opcode.LISTXATTR: (Listxattr, fuse.ListxattrIn),
+    Opcode.REMOVEXATTR: (Removexattr, fuse.RemovexattrIn),
+    Opcode.FSYNCDIR: (Fsyncdir, fuse.FsyncIn),
+    Opcode.FALLOCATE: (Fallocate, fuse.FallocateIn),
+    Opcode.RENAME2: (Rename2, fuse.Rename2In),
+    Opcode.LSEEK: (Lseek, fuse.LseekIn),
+    Opcode.COPY_FILE_RANGE: (CopyFileRange, fuse.CopyFileRangeIn),
 }
+
+# Bodies whose last field is data of the length in their `size` field (set from
+# the data when encoding, checked when decoding).
+_SIZED_DATA = {Opcode.WRITE: "data", Opcode.SETXATTR: "value"}
+# The caller's supplementary groups travel as one FUSE_EXT_GROUPS extension; at most this many.
+MAX_GROUPS = 65536
 
 # opcode -> reply body dataclass (for successful replies; errors carry none)
 REPLY_BODIES: dict[Opcode, type] = {
@@ -101,10 +138,24 @@ REPLY_BODIES: dict[Opcode, type] = {
     Opcode.RELEASE: EmptyOut,
     Opcode.FSYNC: EmptyOut,
     Opcode.FLUSH: EmptyOut,
+    Opcode.READLINK: BytesOut,
+    Opcode.SYMLINK: EntryOut,
+    Opcode.MKNOD: EntryOut,
+    Opcode.LINK: EntryOut,
+    Opcode.STATFS: StatfsOut,
+    Opcode.SETXATTR: EmptyOut,
+    Opcode.GETXATTR: BytesOut,
+    Opcode.LISTXATTR: BytesOut,
+    Opcode.REMOVEXATTR: EmptyOut,
+    Opcode.FSYNCDIR: EmptyOut,
+    Opcode.FALLOCATE: EmptyOut,
+    Opcode.RENAME2: EmptyOut,
+    Opcode.LSEEK: LseekOut,
+    Opcode.COPY_FILE_RANGE: WriteOut,
 }
 
 _Dirents = GreedyRange(fuse.Dirent)
-_NAME_FIELDS = {"name", "oldname", "newname"}
+_NAME_FIELDS = {"name", "oldname", "newname", "target"}
 _MAX_ERRNO = 4095
 
 
@@ -165,8 +216,12 @@ def _encode_reply_body(body) -> bytes:
             return _build(fuse.OpenOut, dataclasses.asdict(body), "fuse_open_out")
         case CreateOut():
             return _encode_reply_body(body.entry) + _encode_reply_body(body.open)
-        case ReadOut():
+        case ReadOut() | BytesOut():
             return bytes(body.data)
+        case StatfsOut():
+            return _build(fuse.StatfsOut, dataclasses.asdict(body), "fuse_statfs_out")
+        case LseekOut():
+            return _build(fuse.LseekOut, {"offset": body.offset}, "fuse_lseek_out")
         case WriteOut():
             return _build(fuse.WriteOut, {"size": body.size}, "fuse_write_out")
         case ReaddirOut():
@@ -210,12 +265,15 @@ def encode_payload(message: Message) -> tuple[wire.Request, int, bytes]:
             cls, schema = REQUEST_BODIES[opcode]
             _check_names(message.op)
             d = {name: getattr(message.op, name) for name in _fields(cls)}
-            if opcode == Opcode.WRITE:
-                d["size"] = len(message.op.data)
-            body = _build(schema, d, f"{opcode.name} body")
+            if opcode in _SIZED_DATA:
+                d["size"] = len(getattr(message.op, _SIZED_DATA[opcode]))
+            ext = _encode_groups(message.groups)
+            body = _build(schema, d, f"{opcode.name} body") + ext
+            extlen = len(ext) // 8
             header = {"len": fuse.FUSE_IN_HEADER_SIZE + len(body), "opcode": int(opcode),
                       "unique": message.unique, "nodeid": message.nodeid, "uid": message.uid,
-                      "gid": message.gid, "pid": message.pid, "total_extlen": 0, "padding": 0}
+                      "gid": message.gid, "pid": message.pid, "total_extlen": extlen,
+                      "padding": 0}
             flags = version | (wire.FLAG_NEED_REPLY if message.needs_reply else 0)
             return wire.Request.FS, flags, _build(fuse.FuseInHeader, header, "fuse_in_header") + body
         case FsReply():
@@ -263,6 +321,37 @@ def encode_payload(message: Message) -> tuple[wire.Request, int, bytes]:
     raise LocalProtocolError(f"cannot encode {type(message).__name__}")
 
 
+def _encode_groups(groups) -> bytes:
+    """The FUSE_EXT_GROUPS extension carrying `groups` (b"" for none)."""
+    if not groups:
+        return b""
+    if not isinstance(groups, tuple) or len(groups) > MAX_GROUPS:
+        raise LocalProtocolError(f"FsRequest.groups must be a tuple of at most {MAX_GROUPS}")
+    body = _build(fuse.SuppGroups, {"nr_groups": len(groups), "groups": list(groups)},
+                  "fuse_supp_groups")
+    size = fuse.FuseExtHeader.sizeof() + len(body)
+    size += (8 - size % 8) % 8
+    header = _build(fuse.FuseExtHeader, {"size": size, "type": fuse.FUSE_EXT_GROUPS},
+                    "fuse_ext_header")
+    return (header + body).ljust(size, b"\x00")
+
+
+def _decode_extensions(ext: bytes) -> tuple[int, ...]:
+    """The supplementary groups carried in the request extensions `ext`: exactly one
+    FUSE_EXT_GROUPS, whose size is its header, its groups and the padding to 8 bytes."""
+    h = _parse(fuse.FuseExtHeader, ext[:8], "fuse_ext_header")
+    if h.type != fuse.FUSE_EXT_GROUPS:
+        raise RemoteProtocolError(f"malformed request extension: type {h.type} "
+                                  f"(only FUSE_EXT_GROUPS, {fuse.FUSE_EXT_GROUPS}, is known)")
+    nr = _parse(fuse.Int32ul, ext[8:12], "fuse_supp_groups")
+    used = 12 + 4 * nr
+    expected = used + (8 - used % 8) % 8
+    if nr > MAX_GROUPS or h.size != expected or len(ext) != expected:
+        raise RemoteProtocolError(f"malformed fuse_supp_groups: {nr} groups in an extension "
+                                  f"of {h.size} bytes ({len(ext)} carried)")
+    return tuple(_parse(fuse.SuppGroups, ext[8:used], "fuse_supp_groups").groups)
+
+
 def encode_ack(message: Ack, request: wire.Request) -> tuple[wire.Request, int, bytes]:
     """An ACK is a reply frame to an INVALIDATE or INVAL_ENTRY; the caller names which."""
     return request, wire.PROTOCOL_VERSION | wire.FLAG_REPLY, _build(
@@ -303,6 +392,13 @@ def _decode_reply_body(opcode: Opcode, body: bytes):
         return EmptyOut()
     if cls is ReadOut:
         return ReadOut(bytes(body))
+    if cls is BytesOut:
+        return BytesOut(bytes(body))
+    if cls is StatfsOut:
+        c = _parse(_StatfsExact, body, what)
+        return StatfsOut(**{name: c[name] for name in _fields(StatfsOut)})
+    if cls is LseekOut:
+        return LseekOut(_parse(_LseekExact, body, what).offset)
     if cls is EntryOut:
         return _entry(_parse(_EntryExact, body, what))
     if cls is AttrOut:
@@ -343,6 +439,8 @@ _WriteExact = _Exact(fuse.WriteOut)
 _DirentsExact = _Exact(_Dirents)
 _CreateExact = _Exact(Struct("entry" / fuse.EntryOut, "open" / fuse.OpenOut))
 _InvalInodeExact = _Exact(fuse.NotifyInvalInodeOut)
+_StatfsExact = _Exact(fuse.StatfsOut)
+_LseekExact = _Exact(fuse.LseekOut)
 
 
 def decode_payload(request: int, flags: int, payload: bytes,
@@ -409,8 +507,10 @@ def _decode_fs_request(flags: int, payload: bytes) -> FsRequest:
     if h.len != len(payload):
         raise RemoteProtocolError(
             f"malformed fuse_in_header: len {h.len} but the frame carries {len(payload)} bytes")
-    if h.total_extlen != 0:
-        raise RemoteProtocolError("malformed fuse_in_header: total_extlen must be 0")
+    end = len(payload) - 8 * h.total_extlen
+    if end < fuse.FUSE_IN_HEADER_SIZE:
+        raise RemoteProtocolError(
+            f"malformed fuse_in_header: total_extlen {h.total_extlen} is past the body")
     try:
         opcode = Opcode(h.opcode)
         cls, schema = REQUEST_BODIES[opcode]
@@ -418,20 +518,22 @@ def _decode_fs_request(flags: int, payload: bytes) -> FsRequest:
         raise UnsupportedOpcode(h.unique, h.opcode,
                                 bool(flags & wire.FLAG_NEED_REPLY)) from None
     what = f"{opcode.name} body"
-    body = _parse(schema, payload[fuse.FUSE_IN_HEADER_SIZE:], what)
-    if opcode == Opcode.WRITE and body.size != len(body.data):
-        raise RemoteProtocolError(
-            f"malformed WRITE body: size {body.size} but {len(body.data)} data bytes follow")
-    if opcode == Opcode.WRITE:
-        op = Write(body.fh, body.offset, bytes(body.data), body.write_flags, body.lock_owner,
-                   body.flags)
+    body = _parse(schema, payload[fuse.FUSE_IN_HEADER_SIZE:end], what)
+    groups = _decode_extensions(payload[end:]) if h.total_extlen else ()
+    if opcode in _SIZED_DATA:
+        field = _SIZED_DATA[opcode]
+        if body.size != len(body[field]):
+            raise RemoteProtocolError(f"malformed {what}: size {body.size} but "
+                                      f"{len(body[field])} {field} bytes follow")
+        op = cls(**{name: bytes(body[name]) if name == field else body[name]
+                    for name in _fields(cls)})
     else:
         op = _from_container(cls, body)
     needs_reply = opcode != Opcode.FORGET
     if bool(flags & wire.FLAG_NEED_REPLY) != needs_reply:
         raise RemoteProtocolError(
             f"frame header: NEED_REPLY must be {'set' if needs_reply else 'clear'} for {opcode.name}")
-    return FsRequest(h.unique, h.nodeid, op, h.uid, h.gid, h.pid)
+    return FsRequest(h.unique, h.nodeid, op, h.uid, h.gid, h.pid, groups)
 
 
 class UnsupportedOpcode(RemoteProtocolError):

@@ -13,7 +13,9 @@ format, size or offset in this module is typed in by hand.
 The fast path only ever *succeeds*.  `decode()` returns the message or None;
 `encode_frame()` returns the frame's bytes or None.  None means "ask the
 reference codec": everything the fast path does not handle (cold messages:
-HELLO, SETATTR, CREATE, READDIR, INVAL_ENTRY, ...) and everything it
+HELLO, SETATTR, CREATE, READDIR, INVAL_ENTRY, the namespace, xattr,
+fallocate, lseek and copy-range opcodes, any request carrying supplementary
+groups in a FUSE_EXT_GROUPS extension, ...) and everything it
 would have to refuse (a wrong length, a bad field, a value out of range)
 goes to `protocol/codec.py`, which decodes it or raises its usual error
 naming the field.  Errors are therefore the reference's by construction;
@@ -356,6 +358,8 @@ class _RequestCodec:
                    f"    return b''.join(({packed}, tail))\n")
         else:
             src = f"    plen = {self.fixed}\n    return {packed}\n"
+        # Supplementary groups travel as an extension: the reference encodes them.
+        src = "    if m.groups:\n        return None\n" + src
         self.encode = _generate("def encode(m, op):\n" + src, {"_whole": whole}, "encode")
 
     def _decoder(self, cls: type, body: Layout, pnames: tuple[str, ...]) -> Callable:
@@ -387,7 +391,7 @@ class _RequestCodec:
             extra[body.tail_field] = "tail"
         lines.append(_build_src("op", "_op", cls, _sources(cls, var, "body", extra)))
         lines.append(_build_src("m", "_FsRequest", FsRequest,
-                                _sources(FsRequest, var, "in", {"op": "op"})))
+                                _sources(FsRequest, var, "in", {"op": "op", "groups": "()"})))
         lines.append("    return m\n")
         return _generate("".join(lines), {"_op": cls, "_FsRequest": FsRequest, "_take": _take,
                                           "_unpack": self.payload.unpack_from}, "decode")

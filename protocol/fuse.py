@@ -13,6 +13,7 @@ from __future__ import annotations
 import enum
 
 from construct import (
+    Array,
     Bytes,
     GreedyBytes,
     Int16ul,
@@ -24,6 +25,7 @@ from construct import (
     Padding,
     Struct,
     Terminated,
+    this,
 )
 
 
@@ -107,6 +109,13 @@ FOPEN_KEEP_CACHE = 1 << 1
 # fuse_fsync_in.fsync_flags
 FUSE_FSYNC_FDATASYNC = 1 << 0
 
+# fuse_setattr_in.valid: FATTR_KILL_SUIDGID (with FUSE_HANDLE_KILLPRIV_V2)
+FATTR_KILL_SUIDGID = 1 << 11
+# fuse_write_in.write_flags
+FUSE_WRITE_KILL_SUIDGID = 1 << 2
+# fuse_open_in.open_flags
+FUSE_OPEN_KILL_SUIDGID = 1 << 0
+
 KERNEL_MAJOR = 7
 KERNEL_MINOR = 45
 
@@ -122,6 +131,13 @@ FuseInHeader = Struct(
     "padding" / Int16ul,
 )
 FUSE_IN_HEADER_SIZE = FuseInHeader.sizeof()  # 40
+
+# Request extensions (fuse_in_header.total_extlen counts their bytes in units of 8): each
+# is a fuse_ext_header and its body, padded to a multiple of 8 bytes; they follow the
+# request's body.  The one cleanlease uses: the caller's supplementary groups.
+FuseExtHeader = Struct("size" / Int32ul, "type" / Int32ul)  # size: header, body and padding
+FUSE_EXT_GROUPS = 32
+SuppGroups = Struct("nr_groups" / Int32ul, "groups" / Array(this.nr_groups, Int32ul))
 
 FuseOutHeader = Struct(
     "len" / Int32ul,
@@ -216,6 +232,35 @@ CreateIn = Struct(
     "name" / Name,
     Terminated,
 )
+ReadlinkIn = Struct(Terminated)  # READLINK, STATFS: no body
+StatfsIn = Struct(Terminated)
+# SYMLINK: the new entry's name, then the link's target (both NUL-terminated)
+SymlinkIn = Struct("name" / Name, "target" / Name, Terminated)
+MknodIn = Struct("mode" / Int32ul, "rdev" / Int32ul, "umask" / Int32ul, Padding(4),
+                 "name" / Name, Terminated)
+# LINK: header nodeid is the new parent; `oldnodeid` the inode to link
+LinkIn = Struct("oldnodeid" / Int64ul, "newname" / Name, Terminated)
+Rename2In = Struct("newdir" / Int64ul, "flags" / Int32ul, Padding(4), "oldname" / Name,
+                   "newname" / Name, Terminated)
+# SETXATTR without FUSE_SETXATTR_EXT (FUSE_COMPAT_SETXATTR_IN_SIZE, 8 bytes), then the
+# name and `size` bytes of value
+SetxattrIn = Struct("size" / Int32ul, "flags" / Int32ul, "name" / Name, "value" / GreedyBytes)
+GetxattrIn = Struct("size" / Int32ul, Padding(4), "name" / Name, Terminated)
+ListxattrIn = Struct("size" / Int32ul, Padding(4), Terminated)
+RemovexattrIn = Struct("name" / Name, Terminated)
+FallocateIn = Struct("fh" / Int64ul, "offset" / Int64ul, "length" / Int64ul, "mode" / Int32ul,
+                     Padding(4), Terminated)
+LseekIn = Struct("fh" / Int64ul, "offset" / Int64ul, "whence" / Int32ul, Padding(4), Terminated)
+CopyFileRangeIn = Struct(
+    "fh_in" / Int64ul,
+    "off_in" / Int64ul,
+    "nodeid_out" / Int64ul,
+    "fh_out" / Int64ul,
+    "off_out" / Int64ul,
+    "len" / Int64ul,
+    "flags" / Int64ul,
+    Terminated,
+)
 InitIn = Struct(
     "major" / Int32ul,
     "minor" / Int32ul,
@@ -249,6 +294,21 @@ Dirent = Struct(
     "name" / Bytes(lambda this: this.namelen),
     Padding(lambda this: (8 - this.namelen % 8) % 8),
 )
+# fuse_statfs_out = struct fuse_kstatfs (80 bytes)
+StatfsOut = Struct(
+    "blocks" / Int64ul,
+    "bfree" / Int64ul,
+    "bavail" / Int64ul,
+    "files" / Int64ul,
+    "ffree" / Int64ul,
+    "bsize" / Int32ul,
+    "namelen" / Int32ul,
+    "frsize" / Int32ul,
+    Padding(4),
+    Padding(24),
+)
+GetxattrOut = Struct("size" / Int32ul, Padding(4))  # 8 bytes: the kernel asked for the size only
+LseekOut = Struct("offset" / Int64ul)  # 8 bytes
 InitOut = Struct(
     "major" / Int32ul,
     "minor" / Int32ul,

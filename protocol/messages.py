@@ -220,7 +220,39 @@ class EmptyOut:
     pass
 
 
-ReplyBody = EntryOut | AttrOut | OpenOut | CreateOut | ReadOut | WriteOut | ReaddirOut | EmptyOut
+@dataclass(frozen=True)
+class BytesOut:
+    """A reply body that is bytes as they are: a symlink's target (READLINK), an
+    extended attribute's whole value (GETXATTR), or the whole NUL-terminated list
+    of names (LISTXATTR).  The host sends the whole value whatever size the
+    kernel asked for; the guest answers the kernel's size probe and ERANGE."""
+
+    data: bytes
+
+
+@dataclass(frozen=True)
+class StatfsOut:
+    """fuse_kstatfs: the export's file system, as statfs(2) reports it."""
+
+    blocks: int
+    bfree: int
+    bavail: int
+    files: int
+    ffree: int
+    bsize: int
+    namelen: int
+    frsize: int
+
+
+@dataclass(frozen=True)
+class LseekOut:
+    offset: int
+
+
+ReplyBody = (
+    EntryOut | AttrOut | OpenOut | CreateOut | ReadOut | WriteOut | ReaddirOut | EmptyOut
+    | BytesOut | StatfsOut | LseekOut
+)
 
 
 # --- file-system requests (one dataclass per opcode) -------------------------
@@ -364,9 +396,127 @@ class Readdir:
     opcode = Opcode.READDIR
 
 
+@dataclass(frozen=True)
+class Readlink:
+    opcode = Opcode.READLINK
+
+
+@dataclass(frozen=True)
+class Symlink:
+    """Make `name` in the request's directory a symlink to `target` (data: the
+    host never follows it)."""
+
+    name: bytes
+    target: bytes
+    opcode = Opcode.SYMLINK
+
+
+@dataclass(frozen=True)
+class Mknod:
+    """Make `name` a FIFO, socket (or, where the host allows, a device node);
+    `mode` carries the file type (S_IFIFO, ...) and the permission bits."""
+
+    name: bytes
+    mode: int
+    rdev: int = 0
+    umask: int = 0
+    opcode = Opcode.MKNOD
+
+
+@dataclass(frozen=True)
+class Link:
+    """Give inode `oldnodeid` the name `newname` in the request's directory."""
+
+    oldnodeid: int
+    newname: bytes
+    opcode = Opcode.LINK
+
+
+@dataclass(frozen=True)
+class Statfs:
+    opcode = Opcode.STATFS
+
+
+@dataclass(frozen=True)
+class Setxattr:
+    name: bytes
+    value: bytes
+    flags: int = 0  # XATTR_CREATE 1, XATTR_REPLACE 2
+    opcode = Opcode.SETXATTR
+
+
+@dataclass(frozen=True)
+class Getxattr:
+    name: bytes
+    size: int = 0  # the kernel's buffer (0: it asks for the size); the host sends it all
+    opcode = Opcode.GETXATTR
+
+
+@dataclass(frozen=True)
+class Listxattr:
+    size: int = 0
+    opcode = Opcode.LISTXATTR
+
+
+@dataclass(frozen=True)
+class Removexattr:
+    name: bytes
+    opcode = Opcode.REMOVEXATTR
+
+
+@dataclass(frozen=True)
+class Fsyncdir:
+    fh: int = 0
+    fsync_flags: int = 0
+    opcode = Opcode.FSYNCDIR
+
+
+@dataclass(frozen=True)
+class Fallocate:
+    fh: int
+    offset: int
+    length: int
+    mode: int = 0  # FALLOC_FL_*: KEEP_SIZE 1, PUNCH_HOLE 2, COLLAPSE_RANGE 8, ZERO_RANGE 16, ...
+    opcode = Opcode.FALLOCATE
+
+
+@dataclass(frozen=True)
+class Rename2:
+    newdir: int
+    oldname: bytes
+    newname: bytes
+    flags: int = 0  # RENAME_NOREPLACE 1, RENAME_EXCHANGE 2
+    opcode = Opcode.RENAME2
+
+
+@dataclass(frozen=True)
+class Lseek:
+    fh: int
+    offset: int
+    whence: int  # SEEK_DATA 3, SEEK_HOLE 4 (the kernel answers SET/CUR/END itself)
+    opcode = Opcode.LSEEK
+
+
+@dataclass(frozen=True)
+class CopyFileRange:
+    """Copy `len` bytes from handle `fh_in` (of the request's node id) at
+    `off_in` to handle `fh_out` of `nodeid_out` at `off_out`."""
+
+    fh_in: int
+    off_in: int
+    nodeid_out: int
+    fh_out: int
+    off_out: int
+    len: int
+    flags: int = 0
+    opcode = Opcode.COPY_FILE_RANGE
+
+
 FsOp = (
     Lookup | Forget | Getattr | Setattr | Mkdir | Unlink | Rmdir | Rename | Open | Read
-    | Write | Release | Fsync | Flush | Create | Readdir
+    | Write | Release | Fsync | Flush | Create | Readdir | Readlink | Symlink | Mknod | Link
+    | Statfs | Setxattr | Getxattr | Listxattr | Removexattr | Fsyncdir | Fallocate | Rename2
+    | Lseek | CopyFileRange
 )
 
 
@@ -424,6 +574,9 @@ class FsRequest:
     uid: int = 0
     gid: int = 0
     pid: int = 0
+    # The caller's supplementary groups (a FUSE_EXT_GROUPS extension on the wire:
+    # docs/protocol.md, section 4); the host runs the request with them.
+    groups: tuple[int, ...] = ()
 
     @property
     def opcode(self) -> Opcode:

@@ -160,7 +160,8 @@ def split(frame: bytes) -> tuple[int, int, bytes]:
 def is_hot(message) -> bool:
     match message:
         case FsRequest():
-            return type(message.op) in fastcodec.HOT_REQUESTS.values()
+            # (supplementary groups travel as an extension: the reference codec's)
+            return type(message.op) in fastcodec.HOT_REQUESTS.values() and not message.groups
         case FsReply():
             return type(message.body) in HOT_BODIES
         case Invalidate() | Heartbeat() | Ack():

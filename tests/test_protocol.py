@@ -26,18 +26,23 @@ from protocol.messages import (
     AttrOut,
     Auth,
     AuthReply,
+    BytesOut,
+    CopyFileRange,
     Create,
     CreateOut,
     Detector,
     DirEntry,
     EmptyOut,
     EntryOut,
+    Fallocate,
     Flush,
     Forget,
     FsReply,
     FsRequest,
     Fsync,
+    Fsyncdir,
     Getattr,
+    Getxattr,
     Heartbeat,
     HeartbeatReply,
     Hello,
@@ -45,19 +50,31 @@ from protocol.messages import (
     InvalEntry,
     Invalidate,
     LeaseGrant,
+    Link,
+    Listxattr,
     Lookup,
+    Lseek,
+    LseekOut,
     Mkdir,
+    Mknod,
     Open,
     OpenOut,
     Policy,
     Read,
     Readdir,
     ReaddirOut,
+    Readlink,
     ReadOut,
     Release,
+    Removexattr,
     Rename,
+    Rename2,
     Rmdir,
     Setattr,
+    Setxattr,
+    Statfs,
+    StatfsOut,
+    Symlink,
     Unlink,
     Write,
     WriteOut,
@@ -94,10 +111,15 @@ write_outs = st.builds(WriteOut, size=u32)
 dir_entries = st.builds(DirEntry, ino=u64, off=u64, type=u32, name=dirent_names)
 readdir_outs = st.builds(ReaddirOut, entries=st.lists(dir_entries, max_size=5).map(tuple))
 empty_outs = st.just(EmptyOut())
+bytes_outs = st.builds(BytesOut, data=data)
+statfs_outs = st.builds(StatfsOut, blocks=u64, bfree=u64, bavail=u64, files=u64, ffree=u64,
+                        bsize=u32, namelen=u32, frsize=u32)
+lseek_outs = st.builds(LseekOut, offset=u64)
 
 REPLY_BODY_STRATEGIES = {
     EntryOut: entry_outs, AttrOut: attr_outs, OpenOut: open_outs, CreateOut: create_outs,
     ReadOut: read_outs, WriteOut: write_outs, ReaddirOut: readdir_outs, EmptyOut: empty_outs,
+    BytesOut: bytes_outs, StatfsOut: statfs_outs, LseekOut: lseek_outs,
 }
 
 _read_fields = dict(fh=u64, offset=u64, size=u32, read_flags=u32, lock_owner=u64, flags=u32)
@@ -121,13 +143,32 @@ OP_STRATEGIES = {
     Opcode.FLUSH: st.builds(Flush, fh=u64, lock_owner=u64),
     Opcode.CREATE: st.builds(Create, name=names, flags=u32, mode=u32, umask=u32, open_flags=u32),
     Opcode.READDIR: st.builds(Readdir, **_read_fields),
+    Opcode.READLINK: st.builds(Readlink),
+    Opcode.SYMLINK: st.builds(Symlink, name=names, target=names),
+    Opcode.MKNOD: st.builds(Mknod, name=names, mode=u32, rdev=u32, umask=u32),
+    Opcode.LINK: st.builds(Link, oldnodeid=u64, newname=names),
+    Opcode.STATFS: st.builds(Statfs),
+    Opcode.SETXATTR: st.builds(Setxattr, name=names, value=data, flags=u32),
+    Opcode.GETXATTR: st.builds(Getxattr, name=names, size=u32),
+    Opcode.LISTXATTR: st.builds(Listxattr, size=u32),
+    Opcode.REMOVEXATTR: st.builds(Removexattr, name=names),
+    Opcode.FSYNCDIR: st.builds(Fsyncdir, fh=u64, fsync_flags=u32),
+    Opcode.FALLOCATE: st.builds(Fallocate, fh=u64, offset=u64, length=u64, mode=u32),
+    Opcode.RENAME2: st.builds(Rename2, newdir=u64, oldname=names, newname=names, flags=u32),
+    Opcode.LSEEK: st.builds(Lseek, fh=u64, offset=u64, whence=u32),
+    Opcode.COPY_FILE_RANGE: st.builds(CopyFileRange, fh_in=u64, off_in=u64, nodeid_out=u64,
+                                      fh_out=u64, off_out=u64, len=u64, flags=u64),
 }
 fs_ops = st.one_of(*OP_STRATEGIES.values())
 leases = st.builds(LeaseGrant, ino=u64, generation=u64, term_ms=u32, flags=u32)
 
 
+groups = st.one_of(st.just(()), st.lists(u32, max_size=9).map(tuple))
+
+
 def fs_requests(ops=fs_ops):
-    return st.builds(FsRequest, unique=u64, nodeid=u64, op=ops, uid=u32, gid=u32, pid=u32)
+    return st.builds(FsRequest, unique=u64, nodeid=u64, op=ops, uid=u32, gid=u32, pid=u32,
+                     groups=groups)
 
 
 def reply_bodies(opcode: Opcode):
@@ -623,7 +664,7 @@ def test_need_reply_must_match_opcode():
         decode_raw(fs_frame(2, bytes(8), flags=0x9))
 
 
-@pytest.mark.parametrize("opcode", [0, 5, 26, 38, 47, 48, 9999, 0xFFFF_FFFF])
+@pytest.mark.parametrize("opcode", [0, 26, 31, 38, 44, 48, 9999, 0xFFFF_FFFF])
 def test_unsupported_opcode_is_its_own_error(opcode):
     with pytest.raises(codec.UnsupportedOpcode) as info:
         decode_raw(fs_frame(opcode, b"whatever", unique=77))
