@@ -541,8 +541,13 @@ class GuestClient:
         self._next_unique += 1
         return unique
 
-    async def request(self, nodeid: int, op, unique: int | None = None) -> FsReply:
+    async def request(self, nodeid: int, op, unique: int | None = None,
+                      caller: tuple[int, int, int, tuple[int, ...]] | None = None) -> FsReply:
         """Send one FS request on the current session and wait for its reply.
+
+        `caller` is (uid, gid, pid, supplementary groups) of whoever the request
+        is for (a mount's kernel says); the host carries it out as them.  None:
+        as root, pid 0 (a library guest).
 
         `unique` names the request; pass the same one to retry a request
         after a reconnect (the host answers it from its reply cache if it
@@ -563,7 +568,8 @@ class GuestClient:
         timeout = self.request_timeout
         timer = None
         try:
-            session.send(FsRequest(unique, nodeid, op))
+            session.send(FsRequest(unique, nodeid, op) if caller is None
+                         else FsRequest(unique, nodeid, op, *caller))
             if timeout is None or timeout <= 0:
                 reply: FsReply = await asyncio.wait_for(future, timeout)
             else:

@@ -43,6 +43,7 @@ FUSE_BIG_WRITES = 1 << 5
 FUSE_AUTO_INVAL_DATA = 1 << 12
 FUSE_PARALLEL_DIROPS = 1 << 18
 FUSE_MAX_PAGES = 1 << 22
+FUSE_HANDLE_KILLPRIV_V2 = 1 << 28  # the server clears setuid/setgid (on write, truncate, chown)
 
 # FUSE_GETATTR_FH in fuse_getattr_in.getattr_flags
 FUSE_GETATTR_FH = 1 << 0

@@ -44,14 +44,27 @@ that directory through its held fd.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import stat as _stat
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from host.exportfs.confined import NAME_MAX
+from host.exportfs.confined import OFF_MAX as _OFF_MAX
+from host.exportfs.confined import OPATH as _OPATH
+from host.exportfs.confined import check_int as _check_int
+from host.exportfs.confined import check_name as _check_name
+from host.exportfs.confined import err as _err
+from host.exportfs.confined import open_flags as _open_flags
+from host.exportfs.confined import proc_path as _proc_path
+from host.exportfs.confined import renameat2 as _renameat2
+from host.exportfs.confined import reopen as _reopen
+from host.exportfs.extents import ExtentOps
+from host.exportfs.links import LinkOps
+from host.exportfs.xattrs import XattrOps
 from host.inodes import ROOT_NODEID, InodeStore
+from host.linux.fileat import UTIME_NOW, UTIME_OMIT, chown_fd, set_times
 
 __all__ = [
     "DT_DIR",
@@ -62,10 +75,10 @@ __all__ = [
     "RENAME_EXCHANGE",
     "RENAME_NOREPLACE",
     "ROOT_NODEID",
+    "TIME_NOW",
     "ExportFS",
 ]
 
-NAME_MAX = 255
 
 DT_UNKNOWN = 0
 DT_DIR = 4
@@ -75,92 +88,8 @@ DT_LNK = 10
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 
-_OPATH = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
-# What a guest may ask of an open file beyond its access mode.  O_CREAT and
-# O_EXCL belong to create(); O_NOFOLLOW, O_PATH, O_DIRECTORY, O_TMPFILE are for
-# the daemon to decide; O_DIRECT would make every unaligned pread fail.
-_PASSED_FLAGS = os.O_APPEND | os.O_TRUNC | os.O_SYNC | os.O_DSYNC
-_OFF_MAX = 2**63 - 1
 _CREATE_TRIES = 8
-
-
-def _err(code: int, detail: str | None = None) -> OSError:
-    return OSError(code, detail or os.strerror(code))
-
-
-def _check_int(value: object, what: str, lo: int, hi: int) -> int:
-    # bool is an int subclass; a guest-decoded field is never a bool, so a
-    # bool here is a caller bug worth refusing.
-    if type(value) is not int or not lo <= value <= hi:
-        raise _err(errno.EINVAL, f"{what} must be an int in [{lo}, {hi}]")
-    return value
-
-
-def _check_name(name: object) -> bytes:
-    """One path component, or ``OSError`` (``EINVAL`` / ``ENAMETOOLONG``)."""
-    if not isinstance(name, (bytes, bytearray)):
-        raise _err(errno.EINVAL, "name must be bytes")
-    name = bytes(name)
-    if not name or b"/" in name or b"\0" in name or name in (b".", b".."):
-        raise _err(errno.EINVAL, f"invalid name {name!r}")
-    if len(name) > NAME_MAX:
-        raise _err(errno.ENAMETOOLONG)
-    return name
-
-
-def _open_flags(flags: object) -> int:
-    flags = _check_int(flags, "flags", 0, 2**32 - 1)
-    access = flags & os.O_ACCMODE
-    if access not in (os.O_RDONLY, os.O_WRONLY, os.O_RDWR):
-        raise _err(errno.EINVAL, "bad access mode")
-    return access | (flags & _PASSED_FLAGS)
-
-
-def _require_regular(st: os.stat_result) -> None:
-    if _stat.S_ISREG(st.st_mode):
-        return
-    if _stat.S_ISDIR(st.st_mode):
-        raise _err(errno.EISDIR)
-    if _stat.S_ISLNK(st.st_mode):
-        raise _err(errno.ELOOP)
-    raise _err(errno.EINVAL, "not a regular file")
-
-
-def _proc_path(fd: int) -> str:
-    return f"/proc/self/fd/{fd}"
-
-
-def _reopen(opath_fd: int, flags: int) -> int:
-    """Open the regular file ``opath_fd`` holds, for data, with ``flags``.
-
-    Raises:
-      OSError: ``EISDIR``, ``ELOOP`` (symlink) or ``EINVAL`` (anything else
-        that is not a regular file) before anything is opened; else whatever
-        ``open(2)`` says (``EACCES``, ``ETXTBSY``...).
-    """
-    _require_regular(os.stat(opath_fd))
-    # No O_NOFOLLOW: it would apply to the /proc magic link itself and fail
-    # with ELOOP every time.  The magic link resolves to exactly the inode the
-    # O_PATH fd holds and is not followed further: on a symlink's O_PATH fd
-    # the kernel answers ELOOP, never the target (tests check this).
-    return os.open(_proc_path(opath_fd), flags | os.O_CLOEXEC)
-
-
-_renameat2_fn = None
-
-
-def _renameat2(olddirfd: int, oldname: bytes, newdirfd: int, newname: bytes, flags: int) -> None:
-    # os has no renameat2; glibc has had it since 2.28.
-    global _renameat2_fn
-    if _renameat2_fn is None:
-        fn = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
-        if fn is None:
-            raise _err(errno.ENOSYS, "renameat2 not available")
-        fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-        fn.restype = ctypes.c_int
-        _renameat2_fn = fn
-    if _renameat2_fn(olddirfd, oldname, newdirfd, newname, flags) != 0:
-        raise _err(ctypes.get_errno())
+TIME_NOW = "now"  # setattr: set this time to the current time (UTIME_NOW)
 
 
 @dataclass(eq=False)
@@ -170,7 +99,7 @@ class _Handle:
     fd: int
 
 
-class ExportFS:
+class ExportFS(LinkOps, XattrOps, ExtentOps):
     """The export, as guests see it: nodeids, file handles, confined passthrough.
 
     Args:
@@ -258,18 +187,24 @@ class ExportFS:
         *,
         size: int | None = None,
         mode: int | None = None,
-        atime_ns: int | None = None,
-        mtime_ns: int | None = None,
+        atime_ns: int | str | None = None,
+        mtime_ns: int | str | None = None,
         fh: int | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
     ) -> os.stat_result:
-        """Change what is given, in the order mode, size, times; return the new stat.
+        """Change what is given, in the order owner, mode, size, times; return the new stat.
+
+        ``uid``/``gid`` change the owner and group (of a symlink itself, never
+        its target); the kernel clears setuid/setgid as for chown(2).  A time
+        may be ``TIME_NOW``: set to the current time with the permission rule
+        of utimensat(2)'s UTIME_NOW (the owner, or anyone who may write).
 
         ``size`` truncates through ``fh`` when given (which must be a handle
         of ``owner`` on ``nodeid``, open for writing), else through a fresh
         ``O_WRONLY`` open of the inode.  Times apply last so that a truncate
-        cannot overwrite a requested mtime.  A time not given keeps its
-        current value (read just before; a concurrent change to it in between
-        is lost).  Every argument is checked before anything changes; a
+        cannot overwrite a requested mtime.  A time not given is left as it
+        is (UTIME_OMIT).  Every argument is checked before anything changes; a
         failure part way leaves the earlier changes in place, as on Linux.
 
         Raises:
@@ -283,8 +218,11 @@ class ExportFS:
         if mode is not None:
             _check_int(mode, "mode", 0, 0o7777)
         for t in (atime_ns, mtime_ns):
-            if t is not None:
+            if t is not None and t != TIME_NOW:
                 _check_int(t, "time", -(2**63), 2**63 - 1)
+        for i in (uid, gid):
+            if i is not None:
+                _check_int(i, "uid/gid", 0, 2**32 - 2)
         opath = self._store.fd_of(owner, nodeid)
         handle = None
         if fh is not None:
@@ -292,6 +230,8 @@ class ExportFS:
             if handle.nodeid != nodeid:
                 raise _err(errno.EBADF, "file handle is not on this nodeid")
 
+        if uid is not None or gid is not None:
+            chown_fd(opath, -1 if uid is None else uid, -1 if gid is None else gid)
         if mode is not None:
             if _stat.S_ISLNK(os.stat(opath).st_mode):
                 # Checked rather than left to the kernel so that no chmod is
@@ -308,13 +248,11 @@ class ExportFS:
                 finally:
                     os.close(fd)
         if atime_ns is not None or mtime_ns is not None:
-            if atime_ns is None or mtime_ns is None:
-                now = os.stat(opath)
-                atime_ns = now.st_atime_ns if atime_ns is None else atime_ns
-                mtime_ns = now.st_mtime_ns if mtime_ns is None else mtime_ns
             # Through the magic link, a symlink gets its own times set, never
-            # its target's (tests check this).
-            os.utime(_proc_path(opath), ns=(atime_ns, mtime_ns))
+            # its target's (tests check this).  A time not given is left alone.
+            def spec(t):
+                return UTIME_OMIT if t is None else UTIME_NOW if t == TIME_NOW else t
+            set_times(_proc_path(opath), spec(atime_ns), spec(mtime_ns))
         return os.stat(opath)
 
     def readdir(self, owner: int, nodeid: int) -> list[tuple[bytes, int, int]]:

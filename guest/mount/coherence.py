@@ -13,7 +13,8 @@ import time
 
 from guest.mount.state import NotificationFailed, _Inode
 from protocol import fuse
-from protocol.messages import InvalEntry, Invalidate, LeaseGrant
+from protocol.fuse import FOPEN_DIRECT_IO, FOPEN_KEEP_CACHE
+from protocol.messages import InvalEntry, Invalidate, LeaseGrant, Policy
 
 log = logging.getLogger("cleanlease.mount")
 
@@ -223,3 +224,22 @@ class Coherence:
         self._size_sent(nodeid, out.attr)
         return fuse.AttrOut.build({"attr_valid": valid[0], "attr_valid_nsec": valid[1],
                                    "attr": dataclasses.asdict(out.attr)})
+
+    def _open_flags(self, writing: bool, granted: bool) -> int:
+        match self.policy:
+            case Policy.NEVER:
+                return FOPEN_DIRECT_IO
+            case Policy.ALWAYS | Policy.TTL:
+                return FOPEN_KEEP_CACHE
+        return FOPEN_KEEP_CACHE if granted and not writing else FOPEN_DIRECT_IO
+
+    def _opened(self, fh: int, flags: int) -> bytes:
+        keep = bool(flags & FOPEN_KEEP_CACHE)
+        self.handles[fh] = keep
+        if keep:
+            self.stats.opens_cached += 1
+        else:
+            self.stats.opens_direct += 1
+        return fuse.OpenOut.build({"fh": fh, "open_flags": flags, "backing_id": 0})
+
+

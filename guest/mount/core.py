@@ -14,6 +14,7 @@ import time
 
 from guest.client import HostError, SessionLost
 from guest.fuse_device import WATCHDOG_FIRED, FuseDevice, Watchdog, parse_request
+from guest.mount.caller import caller_of
 from guest.mount.coherence import Coherence
 from guest.mount.dispatch import FORWARDED, LOCAL
 from guest.mount.size import KernelSize
@@ -160,6 +161,12 @@ class GuestMount(Coherence, KernelSize):
                 log.error("the watchdog of %s exited (%s): stopping the mount", self.mountpoint,
                           status)
                 self.request_stop(f"the watchdog exited ({status})")
+
+    def ask(self, h, op, nodeid: int | None = None):
+        """Forward `op` for the kernel request `h` (to `h.nodeid`, or `nodeid`), as
+        the request's caller (guest/mount/caller.py); returns the host's reply."""
+        return self.client.request(h.nodeid if nodeid is None else nodeid, op,
+                                   caller=caller_of(h))
 
     def _announce(self, nodeid: int) -> None:
         """Data of `nodeid` may enter the page cache: the watchdog must purge it."""

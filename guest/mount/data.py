@@ -31,7 +31,7 @@ async def read(m: GuestMount, h, body) -> None:
         offset, remaining = arg.offset, arg.size
         while remaining > 0:
             size = min(remaining, m.max_io)
-            reply = await m.client.request(nodeid, Read(arg.fh, offset, size, arg.read_flags,
+            reply = await m.ask(h, Read(arg.fh, offset, size, arg.read_flags,
                                                         arg.lock_owner, arg.flags))
             data = reply.body.data
             chunks.append(data)
@@ -85,7 +85,7 @@ async def write(m: GuestMount, h, body) -> bytes:
         raise _Reply(errno.EINVAL)
     m.stats.kernel_writes += 1
     m.stats.kernel_write_bytes += len(data)
-    reply = await m.client.request(h.nodeid, Write(arg.fh, arg.offset, data, arg.write_flags,
+    reply = await m.ask(h, Write(arg.fh, arg.offset, data, arg.write_flags,
                                                    arg.lock_owner, arg.flags))
     await m._own_modification(h.nodeid, reply.lease)
     m._grows_to(h.nodeid, arg.offset + reply.body.size)  # fuse_write_update_attr

@@ -4,7 +4,7 @@ is answered ENOSYS (and counted in `MountStats.enosys`)."""
 
 from __future__ import annotations
 
-from guest.mount import data, files, names
+from guest.mount import data, extents, files, filesystem, links, names, xattrs
 from guest.mount.local import LOCAL
 from protocol.fuse import Opcode
 
@@ -26,4 +26,18 @@ FORWARDED = {
     Opcode.UNLINK: names.unlink,
     Opcode.RMDIR: names.rmdir,
     Opcode.RENAME: names.rename,
+    Opcode.SYMLINK: links.symlink,
+    Opcode.READLINK: links.readlink,
+    Opcode.LINK: links.link,
+    Opcode.MKNOD: links.mknod,
+    Opcode.RENAME2: links.rename2,
+    Opcode.SETXATTR: xattrs.setxattr,
+    Opcode.GETXATTR: xattrs.getxattr,
+    Opcode.LISTXATTR: xattrs.listxattr,
+    Opcode.REMOVEXATTR: xattrs.removexattr,
+    Opcode.FALLOCATE: extents.fallocate,
+    Opcode.LSEEK: extents.lseek,
+    Opcode.COPY_FILE_RANGE: extents.copy_file_range,
+    Opcode.STATFS: filesystem.statfs,
+    Opcode.FSYNCDIR: filesystem.fsyncdir,
 }

@@ -4,12 +4,10 @@ FLUSH, FSYNC, RELEASE."""
 from __future__ import annotations
 
 import os
-import time
 from typing import TYPE_CHECKING
 
 from guest.fuse_device import FUSE_GETATTR_FH
 from protocol import fuse
-from protocol.fuse import FATTR_ATIME, FATTR_ATIME_NOW, FATTR_MTIME, FATTR_MTIME_NOW
 from protocol.messages import Create, Flush, Fsync, Getattr, Open, Release, Setattr
 
 if TYPE_CHECKING:  # the mount imports these handlers: name its type only for checkers
@@ -24,7 +22,7 @@ async def get_attr(m: GuestMount, h, body) -> bytes:
     # R4: the READs in flight now may carry data older than the read(2) that
     # sent this GETATTR; it must not find their pages.
     earlier_reads = list(st.reads) if st is not None else []
-    reply = await m.client.request(h.nodeid, Getattr(fh, arg.getattr_flags))
+    reply = await m.ask(h, Getattr(fh, arg.getattr_flags))
     m._size_fetched(h.nodeid, reply.body.attr)
     if m.leases and st is not None:
         await m._drain_and_purge(h.nodeid, earlier_reads)
@@ -38,16 +36,13 @@ async def get_attr(m: GuestMount, h, body) -> bytes:
 
 async def set_attr(m: GuestMount, h, body) -> bytes:
     a = fuse.SetattrIn.parse(bytes(body))
-    valid, now = a.valid, time.time_ns()
-    atime, atimensec, mtime, mtimensec = a.atime, a.atimensec, a.mtime, a.mtimensec
-    if valid & FATTR_ATIME_NOW:
-        valid, atime, atimensec = valid | FATTR_ATIME, now // 10**9, now % 10**9
-    if valid & FATTR_MTIME_NOW:
-        valid, mtime, mtimensec = valid | FATTR_MTIME, now // 10**9, now % 10**9
-    op = Setattr(valid=valid, fh=a.fh, size=a.size, atime=atime, mtime=mtime, ctime=a.ctime,
-                 atimensec=atimensec, mtimensec=mtimensec, ctimensec=a.ctimensec, mode=a.mode,
-                 uid=a.uid, gid=a.gid, lock_owner=a.lock_owner)
-    reply = await m.client.request(h.nodeid, op)
+    # FATTR_ATIME_NOW / MTIME_NOW go to the host as they are: "now" is the host's
+    # clock, and its own permission rule (the owner, or anyone who may write).
+    op = Setattr(valid=a.valid, fh=a.fh, size=a.size, atime=a.atime, mtime=a.mtime,
+                 ctime=a.ctime, atimensec=a.atimensec, mtimensec=a.mtimensec,
+                 ctimensec=a.ctimensec, mode=a.mode, uid=a.uid, gid=a.gid,
+                 lock_owner=a.lock_owner)
+    reply = await m.ask(h, op)
     m._size_fetched(h.nodeid, reply.body.attr)
     await m._own_modification(h.nodeid, reply.lease)
     return m._attr_bytes(h.nodeid, reply.body, False)
@@ -60,7 +55,7 @@ def writes(flags: int) -> bool:
 async def open_file(m: GuestMount, h, body) -> bytes:
     arg = fuse.OpenIn.parse(bytes(body))
     writing = writes(arg.flags)
-    reply = await m.client.request(h.nodeid, Open(arg.flags, arg.open_flags))
+    reply = await m.ask(h, Open(arg.flags, arg.open_flags))
     granted = False
     if writing:
         await m._own_modification(h.nodeid, reply.lease)
@@ -76,8 +71,8 @@ async def create_file(m: GuestMount, h, body) -> bytes:
     arg = fuse.CreateIn.parse(bytes(body))
     # The kernel's mode carries the file type (S_IFREG); the protocol's is the
     # permission bits, as open(2) takes them.
-    reply = await m.client.request(
-        h.nodeid, Create(arg.name, arg.flags, arg.mode & 0o7777, arg.umask, arg.open_flags))
+    reply = await m.ask(
+        h, Create(arg.name, arg.flags, arg.mode & 0o7777, arg.umask, arg.open_flags))
     entry, opened = reply.body.entry, reply.body.open
     m._size_fetched(entry.nodeid, entry.attr)
     await m._own_modification(entry.nodeid, reply.lease)
@@ -87,19 +82,19 @@ async def create_file(m: GuestMount, h, body) -> bytes:
 
 async def flush(m: GuestMount, h, body) -> bytes:
     arg = fuse.FlushIn.parse(bytes(body))
-    await m.client.request(h.nodeid, Flush(arg.fh, arg.lock_owner))
+    await m.ask(h, Flush(arg.fh, arg.lock_owner))
     return b""
 
 
 async def fsync(m: GuestMount, h, body) -> bytes:
     arg = fuse.FsyncIn.parse(bytes(body))
-    await m.client.request(h.nodeid, Fsync(arg.fh, arg.fsync_flags))
+    await m.ask(h, Fsync(arg.fh, arg.fsync_flags))
     return b""
 
 
 async def release(m: GuestMount, h, body) -> bytes:
     arg = fuse.ReleaseIn.parse(bytes(body))
     m.handles.pop(arg.fh, None)
-    await m.client.request(h.nodeid, Release(arg.fh, arg.flags, arg.release_flags,
+    await m.ask(h, Release(arg.fh, arg.flags, arg.release_flags,
                                              arg.lock_owner))
     return b""

@@ -10,13 +10,12 @@ from guest.fuse_device import (
     FUSE_ASYNC_READ,
     FUSE_AUTO_INVAL_DATA,
     FUSE_BIG_WRITES,
+    FUSE_HANDLE_KILLPRIV_V2,
     FUSE_MAX_PAGES,
     FUSE_PARALLEL_DIROPS,
     BatchForgetIn,
     ForgetOne,
-    StatfsOut,
 )
-from guest.mount.state import PAGE
 from protocol import fuse
 from protocol.fuse import Opcode
 
@@ -33,7 +32,9 @@ def _init(m: GuestMount, h, body) -> None:
         m.dev.reply(h.unique, -errno.EPROTO)
         return
     wanted = FUSE_ASYNC_READ | FUSE_BIG_WRITES | FUSE_AUTO_INVAL_DATA | FUSE_PARALLEL_DIROPS
-    wanted |= FUSE_MAX_PAGES
+    # HANDLE_KILLPRIV_V2: the host clears setuid/setgid (it writes, truncates and
+    # chowns as the caller); the kernel's own way would chmod as the caller.
+    wanted |= FUSE_MAX_PAGES | FUSE_HANDLE_KILLPRIV_V2
     out = fuse.InitOut.build({
         "major": fuse.KERNEL_MAJOR, "minor": min(arg.minor, fuse.KERNEL_MINOR),
         "max_readahead": arg.max_readahead, "flags": arg.flags & wanted,
@@ -72,13 +73,6 @@ def _empty(m: GuestMount, h, body) -> None:
     m.dev.reply(h.unique, 0)  # RELEASEDIR, ACCESS (default_permissions checks modes)
 
 
-def _statfs(m: GuestMount, h, body) -> None:
-    # The protocol has no STATFS yet: report a large, mostly free file system.
-    m.dev.reply(h.unique, 0, StatfsOut.build({
-        "blocks": 1 << 30, "bfree": 1 << 29, "bavail": 1 << 29, "files": 1 << 24,
-        "ffree": 1 << 23, "bsize": PAGE, "namelen": 255, "frsize": PAGE}))
-
-
 def _interrupt(m: GuestMount, h, body) -> None:
     pass  # the request runs to completion and is answered normally
 
@@ -95,7 +89,6 @@ LOCAL = {
     Opcode.OPENDIR: _opendir,
     Opcode.RELEASEDIR: _empty,
     Opcode.ACCESS: _empty,
-    Opcode.STATFS: _statfs,
     Opcode.INTERRUPT: _interrupt,
     Opcode.DESTROY: _destroy,
 }

@@ -14,7 +14,7 @@ if TYPE_CHECKING:  # the mount imports these handlers: name its type only for ch
 async def lookup(m: GuestMount, h, body) -> bytes:
     name = fuse.LookupIn.parse(bytes(body)).name
     m.stats.lookups += 1
-    reply = await m.client.request(h.nodeid, Lookup(name))
+    reply = await m.ask(h, Lookup(name))
     entry = reply.body
     m._size_fetched(entry.nodeid, entry.attr)
     granted = await m._attrs_granted(entry.nodeid, reply.lease)
@@ -23,7 +23,7 @@ async def lookup(m: GuestMount, h, body) -> bytes:
 
 async def readdir(m: GuestMount, h, body) -> bytes:
     arg = fuse.ReadIn.parse(bytes(body))
-    reply = await m.client.request(h.nodeid, Readdir(arg.fh, arg.offset, arg.size, arg.read_flags,
+    reply = await m.ask(h, Readdir(arg.fh, arg.offset, arg.size, arg.read_flags,
                                                      arg.lock_owner, arg.flags))
     m._accept(reply.lease)  # a lease on the directory lets its entries be cached
     return b"".join(fuse.Dirent.build({"ino": e.ino, "off": e.off, "namelen": len(e.name),
@@ -33,21 +33,21 @@ async def readdir(m: GuestMount, h, body) -> bytes:
 
 async def mkdir(m: GuestMount, h, body) -> bytes:
     arg = fuse.MkdirIn.parse(bytes(body))
-    reply = await m.client.request(h.nodeid, Mkdir(arg.name, arg.mode & 0o7777, arg.umask))
+    reply = await m.ask(h, Mkdir(arg.name, arg.mode & 0o7777, arg.umask))
     return m._entry_bytes(h.nodeid, reply.body, False)
 
 
 async def unlink(m: GuestMount, h, body) -> bytes:
-    await m.client.request(h.nodeid, Unlink(fuse.UnlinkIn.parse(bytes(body)).name))
+    await m.ask(h, Unlink(fuse.UnlinkIn.parse(bytes(body)).name))
     return b""
 
 
 async def rmdir(m: GuestMount, h, body) -> bytes:
-    await m.client.request(h.nodeid, Rmdir(fuse.RmdirIn.parse(bytes(body)).name))
+    await m.ask(h, Rmdir(fuse.RmdirIn.parse(bytes(body)).name))
     return b""
 
 
 async def rename(m: GuestMount, h, body) -> bytes:
     arg = fuse.RenameIn.parse(bytes(body))
-    await m.client.request(h.nodeid, Rename(arg.newdir, arg.oldname, arg.newname))
+    await m.ask(h, Rename(arg.newdir, arg.oldname, arg.newname))
     return b""

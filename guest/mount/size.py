@@ -4,9 +4,7 @@ sees"; R6)."""
 from __future__ import annotations
 
 from guest.client import HostError
-from protocol import fuse
-from protocol.fuse import FOPEN_DIRECT_IO, FOPEN_KEEP_CACHE
-from protocol.messages import Policy, Read
+from protocol.messages import Read
 
 
 class KernelSize:
@@ -87,22 +85,3 @@ class KernelSize:
         if err == 0:
             self.stats.size_repairs += 1
             self._grows_to(nodeid, size)
-
-    def _open_flags(self, writing: bool, granted: bool) -> int:
-        match self.policy:
-            case Policy.NEVER:
-                return FOPEN_DIRECT_IO
-            case Policy.ALWAYS | Policy.TTL:
-                return FOPEN_KEEP_CACHE
-        return FOPEN_KEEP_CACHE if granted and not writing else FOPEN_DIRECT_IO
-
-    def _opened(self, fh: int, flags: int) -> bytes:
-        keep = bool(flags & FOPEN_KEEP_CACHE)
-        self.handles[fh] = keep
-        if keep:
-            self.stats.opens_cached += 1
-        else:
-            self.stats.opens_direct += 1
-        return fuse.OpenOut.build({"fh": fh, "open_flags": flags, "backing_id": 0})
-
-

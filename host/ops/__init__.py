@@ -2,10 +2,12 @@
 
 `HANDLERS` maps each opcode the daemon serves to its handler; an opcode not
 in it is answered with ENOSYS.  The families: names (the namespace), files
-(attributes and handles), data (READ and WRITE).
+(attributes and handles), data (READ and WRITE), links (symlinks, hard links,
+special files, RENAME2), xattrs (extended attributes), extents (FALLOCATE,
+LSEEK, COPY_FILE_RANGE), filesystem (STATFS, FSYNCDIR).
 """
 
-from host.ops import data, files, names
+from host.ops import data, extents, files, filesystem, links, names, xattrs
 from protocol.fuse import Opcode
 
 HANDLERS = {
@@ -25,4 +27,18 @@ HANDLERS = {
     Opcode.UNLINK: names.unlink,
     Opcode.RMDIR: names.rmdir,
     Opcode.RENAME: names.rename,
+    Opcode.SYMLINK: links.symlink,
+    Opcode.READLINK: links.readlink,
+    Opcode.LINK: links.link,
+    Opcode.MKNOD: links.mknod,
+    Opcode.RENAME2: links.rename2,
+    Opcode.SETXATTR: xattrs.setxattr,
+    Opcode.GETXATTR: xattrs.getxattr,
+    Opcode.LISTXATTR: xattrs.listxattr,
+    Opcode.REMOVEXATTR: xattrs.removexattr,
+    Opcode.FALLOCATE: extents.fallocate,
+    Opcode.LSEEK: extents.lseek,
+    Opcode.COPY_FILE_RANGE: extents.copy_file_range,
+    Opcode.STATFS: filesystem.statfs,
+    Opcode.FSYNCDIR: filesystem.fsyncdir,
 }

@@ -13,14 +13,16 @@ import stat
 from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING
 
+from host.linux.credentials import Caller, acting_as
 from host.session import Session
+from protocol.messages import FsRequest
 
 if TYPE_CHECKING:  # the daemon imports the handlers: name its type only for checkers
     from host.server import HostDaemon as Daemon
 else:
     Daemon = object
 
-__all__ = ["Daemon", "Session", "enter_together", "is_dir"]
+__all__ = ["Daemon", "Session", "acting_as", "caller_of", "enter_together", "is_dir"]
 
 
 def is_dir(st: os.stat_result) -> bool:
@@ -56,3 +58,13 @@ async def enter_together(stack: AsyncExitStack, *managers) -> None:
             stack.push_async_exit(manager)
     if error is not None:
         raise error
+
+
+def caller_of(r: FsRequest) -> Caller:
+    """Who request `r` runs as on the host: its caller's uid, gid and groups.
+
+    Use `with acting_as(caller_of(r)):` around the synchronous backend call
+    (no await inside), or `await asyncio.to_thread(caller_of(r).run, fn, ...)`
+    for a blocking call on a worker thread: credentials are per thread
+    (host/linux/credentials.py)."""
+    return Caller(r.uid, r.gid, r.groups)

@@ -7,7 +7,7 @@ it has returned.
 
 from __future__ import annotations
 
-from host.ops.common import Daemon, Session
+from host.ops.common import Daemon, Session, caller_of
 from protocol.messages import FsReply, FsRequest, ReadOut, WriteOut
 
 
@@ -25,6 +25,8 @@ async def write(d: Daemon, s: Session, r: FsRequest) -> FsReply:
     nodeid = d.fs.nodeid_of_handle(s.guest_id, op.fh)
     async with d.modification(nodeid, s.guest_id) as m:
         write = d.fs.write_call(s.guest_id, op.fh, op.offset, op.data)  # its own dup of the fd
-        # On a worker: a host process inside write(2) may hold the inode's lock.
-        written = await d.run_blocking(write)
+        # On a worker: a host process inside write(2) may hold the inode's lock.  As
+        # the caller, on that worker's thread: the host kernel then clears
+        # setuid/setgid on a write by a caller without CAP_FSETID.
+        written = await d.run_blocking(caller_of(r).run, write)
     return FsReply(r.unique, 0, WriteOut(written), d.revoked(nodeid, m.first))

@@ -1,7 +1,9 @@
 """Handlers of attributes and handles: GETATTR, SETATTR, OPEN, CREATE, FLUSH, FSYNC, RELEASE.
 
 A SETATTR, an OPEN with O_TRUNC and a CREATE that truncates are
-modifications: each runs inside `daemon.modification`.
+modifications: each runs inside `daemon.modification`.  What the kernel
+checks permissions for (SETATTR, OPEN, CREATE) runs as its caller
+(host/linux/credentials.py).
 """
 
 from __future__ import annotations
@@ -11,8 +13,19 @@ import errno
 import os
 from contextlib import AsyncExitStack
 
-from host.ops.common import Daemon, Session, enter_together, is_dir
-from protocol.fuse import FATTR_ATIME, FATTR_FH, FATTR_MODE, FATTR_MTIME, FATTR_SIZE
+from host.backend import TIME_NOW
+from host.ops.common import Daemon, Session, acting_as, caller_of, enter_together, is_dir
+from protocol.fuse import (
+    FATTR_ATIME,
+    FATTR_ATIME_NOW,
+    FATTR_FH,
+    FATTR_GID,
+    FATTR_MODE,
+    FATTR_MTIME,
+    FATTR_MTIME_NOW,
+    FATTR_SIZE,
+    FATTR_UID,
+)
 from protocol.messages import CreateOut, EmptyOut, FsReply, FsRequest, OpenOut
 
 
@@ -26,14 +39,24 @@ async def set_attr(d: Daemon, s: Session, r: FsRequest) -> FsReply:
     op = r.op
     before = d.fs.getattr(s.guest_id, r.nodeid)  # refuse unknown nodeids before recalling
     async with d.modification(r.nodeid, s.guest_id, is_dir=is_dir(before)):
-        st = d.fs.setattr(
-            s.guest_id, r.nodeid,
-            size=op.size if op.valid & FATTR_SIZE else None,
-            mode=op.mode & 0o7777 if op.valid & FATTR_MODE else None,
-            atime_ns=op.atime * 1_000_000_000 + op.atimensec if op.valid & FATTR_ATIME else None,
-            mtime_ns=op.mtime * 1_000_000_000 + op.mtimensec if op.valid & FATTR_MTIME else None,
-            fh=op.fh if op.valid & FATTR_FH else None)
+        with acting_as(caller_of(r)):
+            st = d.fs.setattr(
+                s.guest_id, r.nodeid,
+                size=op.size if op.valid & FATTR_SIZE else None,
+                mode=op.mode & 0o7777 if op.valid & FATTR_MODE else None,
+                atime_ns=_time(op.valid, FATTR_ATIME, FATTR_ATIME_NOW, op.atime, op.atimensec),
+                mtime_ns=_time(op.valid, FATTR_MTIME, FATTR_MTIME_NOW, op.mtime, op.mtimensec),
+                fh=op.fh if op.valid & FATTR_FH else None,
+                uid=op.uid if op.valid & FATTR_UID else None,
+                gid=op.gid if op.valid & FATTR_GID else None)
     return FsReply(r.unique, 0, d.attr_out(st), d.revoked(r.nodeid))
+
+
+def _time(valid: int, given: int, now: int, sec: int, nsec: int) -> int | str | None:
+    """A SETATTR time: TIME_NOW (FATTR_*_NOW), ns since the epoch, or None (not given)."""
+    if valid & now:
+        return TIME_NOW
+    return sec * 1_000_000_000 + nsec if valid & given else None
 
 
 def _writes(flags: int) -> bool:
@@ -53,9 +76,11 @@ async def open_file(d: Daemon, s: Session, r: FsRequest) -> FsReply:
     try:
         if flags & os.O_TRUNC:
             async with d.modification(r.nodeid, s.guest_id):
-                fh = d.fs.open(s.guest_id, r.nodeid, flags)
+                with acting_as(caller_of(r)):
+                    fh = d.fs.open(s.guest_id, r.nodeid, flags)
         else:
-            fh = d.fs.open(s.guest_id, r.nodeid, flags)
+            with acting_as(caller_of(r)):
+                fh = d.fs.open(s.guest_id, r.nodeid, flags)
     except BaseException:
         if writing:
             d.leases.close_for_write(r.nodeid, s.guest_id)
@@ -82,17 +107,19 @@ async def create_file(d: Daemon, s: Session, r: FsRequest) -> FsReply:
         await enter_together(stack, *changes)
         d.before_create(r.nodeid, op.name)
         # Truncated only inside that file's modification.
-        nodeid, st, fh = d.fs.create(s.guest_id, r.nodeid, op.name, op.flags & ~os.O_TRUNC,
-                                     op.mode & ~op.umask)
-        if nodeid == existing and st.st_size:
-            st = d.fs.setattr(s.guest_id, nodeid, size=0, fh=fh)
-            truncated = True
+        with acting_as(caller_of(r)):
+            nodeid, st, fh = d.fs.create(s.guest_id, r.nodeid, op.name, op.flags & ~os.O_TRUNC,
+                                         op.mode & ~op.umask)
+            if nodeid == existing and st.st_size:
+                st = d.fs.setattr(s.guest_id, nodeid, size=0, fh=fh)
+                truncated = True
     await d.open_for_write(nodeid, s.guest_id)
     s.write_handles[fh] = nodeid
     if op.flags & os.O_TRUNC and st.st_size and not truncated:
         # The name came to another non-empty file in between: a second wait.
         async with d.modification(nodeid, s.guest_id):
-            st = d.fs.setattr(s.guest_id, nodeid, size=0, fh=fh)
+            with acting_as(caller_of(r)):
+                st = d.fs.setattr(s.guest_id, nodeid, size=0, fh=fh)
     return FsReply(r.unique, 0, CreateOut(d.entry_out(nodeid, st), OpenOut(fh)), d.revoked(nodeid))
 
 

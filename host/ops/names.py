@@ -2,12 +2,13 @@
 
 Every change of a name runs inside `daemon.namespace_change`, which recalls
 the name from the directory's other holders before it lands and keeps the
-directory's names uncacheable until it has.
+directory's names uncacheable until it has; and runs as its caller
+(host/linux/credentials.py).
 """
 
 from __future__ import annotations
 
-from host.ops.common import Daemon, Session, is_dir
+from host.ops.common import Daemon, Session, acting_as, caller_of, is_dir
 from protocol.messages import DirEntry, EmptyOut, FsReply, FsRequest, ReaddirOut
 
 
@@ -48,21 +49,24 @@ async def mkdir(d: Daemon, s: Session, r: FsRequest) -> FsReply:
     op = r.op
     d.fs.getattr(s.guest_id, r.nodeid)
     async with d.namespace_change(s.guest_id, (r.nodeid, op.name)):
-        nodeid, st = d.fs.mkdir(s.guest_id, r.nodeid, op.name, op.mode & ~op.umask)
+        with acting_as(caller_of(r)):
+            nodeid, st = d.fs.mkdir(s.guest_id, r.nodeid, op.name, op.mode & ~op.umask)
     return FsReply(r.unique, 0, d.entry_out(nodeid, st))
 
 
 async def unlink(d: Daemon, s: Session, r: FsRequest) -> FsReply:
     d.fs.getattr(s.guest_id, r.nodeid)
     async with d.namespace_change(s.guest_id, (r.nodeid, r.op.name)):
-        d.fs.unlink(s.guest_id, r.nodeid, r.op.name)
+        with acting_as(caller_of(r)):
+            d.fs.unlink(s.guest_id, r.nodeid, r.op.name)
     return FsReply(r.unique, 0, EmptyOut())
 
 
 async def rmdir(d: Daemon, s: Session, r: FsRequest) -> FsReply:
     d.fs.getattr(s.guest_id, r.nodeid)
     async with d.namespace_change(s.guest_id, (r.nodeid, r.op.name)):
-        d.fs.rmdir(s.guest_id, r.nodeid, r.op.name)
+        with acting_as(caller_of(r)):
+            d.fs.rmdir(s.guest_id, r.nodeid, r.op.name)
     return FsReply(r.unique, 0, EmptyOut())
 
 
@@ -71,5 +75,6 @@ async def rename(d: Daemon, s: Session, r: FsRequest) -> FsReply:
     d.fs.getattr(s.guest_id, r.nodeid)
     d.fs.getattr(s.guest_id, op.newdir)
     async with d.namespace_change(s.guest_id, (r.nodeid, op.oldname), (op.newdir, op.newname)):
-        d.fs.rename(s.guest_id, r.nodeid, op.oldname, op.newdir, op.newname)
+        with acting_as(caller_of(r)):
+            d.fs.rename(s.guest_id, r.nodeid, op.oldname, op.newdir, op.newname)
     return FsReply(r.unique, 0, EmptyOut())

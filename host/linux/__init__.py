@@ -1,0 +1,1 @@
+"""Kernel calls the standard library lacks, through ctypes: one small module per facility."""
