@@ -102,21 +102,22 @@ class RawGuest(asyncio.Protocol):
 
     # --- what the test does -------------------------------------------------------
 
-    def send(self, nodeid: int, op, unique: int | None = None) -> int:
-        """Send one FS request; returns its unique (wait for it with `reply`)."""
+    def send(self, nodeid: int, op, unique: int | None = None, caller: tuple = ()) -> int:
+        """Send one FS request; returns its unique (wait for it with `reply`).
+        `caller`: (uid, gid, pid, groups) to send it as (default: root)."""
         if unique is None:
             unique = self._next
             self._next += 1
         self._replies[unique] = asyncio.get_running_loop().create_future()
         self.sent_at[unique] = time.monotonic()
-        self.transport.write(self.conn.send(FsRequest(unique, nodeid, op)))
+        self.transport.write(self.conn.send(FsRequest(unique, nodeid, op, *caller)))
         return unique
 
     async def reply(self, unique: int, timeout: float = 20.0) -> FsReply:
         return await asyncio.wait_for(asyncio.shield(self._replies[unique]), timeout)
 
-    async def call(self, nodeid: int, op, timeout: float = 20.0) -> FsReply:
-        return await self.reply(self.send(nodeid, op), timeout)
+    async def call(self, nodeid: int, op, timeout: float = 20.0, caller: tuple = ()) -> FsReply:
+        return await self.reply(self.send(nodeid, op, caller=caller), timeout)
 
     async def next_invalidation(self, timeout: float = 20.0):
         return await asyncio.wait_for(self.invalidations.get(), timeout)
