@@ -1,0 +1,115 @@
+"""The mount as a real file system: a non-root user's files, ownership kept by
+`cp -a` and `tar -x -p`, setuid/setgid cleared by a non-owner's write, and a
+short pjdfstest subset against plain ext4 (workload/posix.py; `make posix`
+runs all of it).
+
+Real processes throughout: a `cleanlease host`, a `cleanlease guest --mount`,
+and the commands (as root or as `nobody`, through setpriv) on the mount.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+from host.linux.credentials import can_switch
+from tests.conftest import ROOT
+from tests.test_mount import MountedGuest
+from workload import posix
+
+pytestmark = pytest.mark.skipif(not can_switch(), reason="caller identity needs a root daemon")
+
+NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"]
+
+
+def _sh(script: str, as_user: bool = False, cwd: str | None = None) -> str:
+    argv = (NOBODY if as_user else []) + ["sh", "-ec", script]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=30, cwd=cwd)
+    assert done.returncode == 0, f"{script!r}: {done.stderr}"
+    return done.stdout
+
+
+@pytest.fixture
+def mounted(export, start_host):
+    """The export mounted where any user can reach it (pytest's tmp_path is 0700)."""
+    os.chmod(export, 0o777)
+    _, address = start_host(export, "--detector", "none")
+    base = tempfile.mkdtemp(prefix="cleanlease-mount.", dir="/tmp")
+    os.chmod(base, 0o755)
+    guest = MountedGuest(address, os.path.join(base, "mnt"), "posix")
+    try:
+        yield guest.mountpoint
+    finally:
+        guest.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_a_non_root_user_creates_appends_chmods_and_root_chowns(export, mounted):
+    _sh(f"cd {mounted} && touch t && echo one > f && echo two >> f && chmod 640 f && "
+        "mkdir d && ln -s f l && ln f h && touch -d @1000000000 t", as_user=True)
+    st = os.stat(export / "f")
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode), st.st_nlink) == (65534, 65534,
+                                                                           0o640, 2)
+    assert (export / "f").read_bytes() == b"one\ntwo\n"
+    assert os.stat(export / "d").st_uid == 65534 and os.lstat(export / "l").st_uid == 65534
+    assert os.readlink(export / "l") == "f" and os.stat(export / "t").st_mtime == 1000000000
+    _sh(f"chown 123:456 {mounted}/f && chown -h 7:8 {mounted}/l")
+    assert (os.stat(export / "f").st_uid, os.stat(export / "f").st_gid) == (123, 456)
+    assert (os.lstat(export / "l").st_uid, os.lstat(export / "l").st_gid) == (7, 8)
+    done = subprocess.run(NOBODY + ["chown", "65534", f"{mounted}/f"], capture_output=True)
+    assert done.returncode != 0  # not the owner any more
+
+
+def test_cp_a_and_tar_p_keep_owners_and_modes(export, mounted, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_bytes(b"a")
+    os.chown(src / "a", 1001, 1002)
+    os.chmod(src / "a", 0o4750)
+    (src / "sub").mkdir(mode=0o2770)
+    os.chown(src / "sub", 1003, 1004)
+    os.symlink("a", src / "ln")
+    os.chown(src / "ln", 1005, 1006, follow_symlinks=False)
+    _sh(f"cp -a {src} {mounted}/copy && tar -C {tmp_path} -cf {tmp_path}/t.tar src && "
+        f"mkdir {mounted}/untar && tar -C {mounted}/untar -xpf {tmp_path}/t.tar")
+    for top in ("copy", "untar/src"):
+        for name in ("a", "sub", "ln"):
+            want, got = os.lstat(src / name), os.lstat(export / top / name)
+            assert (got.st_uid, got.st_gid, got.st_mode) == (want.st_uid, want.st_gid,
+                                                             want.st_mode), (top, name)
+
+
+def test_a_non_owners_write_clears_setuid_and_setgid(export, mounted):
+    (export / "s").write_bytes(b"0")
+    os.chmod(export / "s", 0o6777)
+    _sh(f"printf x >> {mounted}/s", as_user=True)
+    assert stat.S_IMODE(os.stat(export / "s").st_mode) == 0o777
+    (export / "t").write_bytes(b"0")
+    os.chmod(export / "t", 0o6777)
+    _sh(f"printf x >> {mounted}/t")  # root keeps them (CAP_FSETID), as on ext4
+    assert stat.S_IMODE(os.stat(export / "t").st_mode) == 0o6777
+
+
+def test_df_shows_the_exports_file_system(export, mounted):
+    v, out = os.statvfs(export), _sh(f"stat -f -c '%b %S %l' {mounted}")
+    assert out.split() == [str(v.f_blocks), str(v.f_frsize), str(v.f_namemax)]
+
+
+def test_pjdfstest_subset_passes_where_ext4_does():
+    """A few hundred pjdfstest cases across the syscall families, on ext4 and on a
+    clean-lease mount: every file that passes on ext4 passes on the mount."""
+    if not os.path.isdir(os.path.join(posix.THIRDPARTY, "pjdfstest")):
+        pytest.skip(f"pjdfstest is not at {posix.THIRDPARTY}")
+    done = subprocess.run([sys.executable, "-m", "workload.posix",
+                           "--subset", "--timeout", "60"], capture_output=True, text=True,
+                          timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    ext4, mount = (line.split() for line in lines[1:3])
+    assert ext4[0] == "ext4" and mount[0] == "mount" and int(mount[2]) >= 500, done.stdout
