@@ -416,6 +416,48 @@ def test_golden_write_request():
     )
 
 
+def test_golden_symlink_request():
+    msg = FsRequest(3, 1, Symlink(b"ln", b"a/b"), uid=1000, gid=1000, pid=42)
+    assert encode(msg) == h(
+        "02000000 09000000 2f000000"  # FS, NEED_REPLY, 47 bytes
+        "2f000000 06000000 0300000000000000 0100000000000000"  # len, SYMLINK, unique, nodeid
+        "e8030000 e8030000 2a000000 0000 0000"  # uid, gid, pid, extlen, padding
+        "6c6e00"  # the new name
+        "612f6200"  # the target
+    )
+    assert decode(encode(msg)) == msg
+
+
+def test_golden_request_with_supplementary_groups():
+    msg = FsRequest(4, 5, Getattr(), uid=1000, gid=1000, pid=42, groups=(10, 27))
+    assert encode(msg) == h(
+        "02000000 09000000 50000000"  # FS, 80 bytes
+        "50000000 03000000 0400000000000000 0500000000000000"
+        "e8030000 e8030000 2a000000 0300 0000"  # total_extlen 3: 24 bytes
+        "00000000 00000000 0000000000000000"  # fuse_getattr_in
+        "18000000 20000000"  # fuse_ext_header: size 24, FUSE_EXT_GROUPS
+        "02000000 0a000000 1b000000 00000000"  # nr_groups 2, 10, 27, pad
+    )
+    assert decode(encode(msg)) == msg
+    # A size that does not match nr_groups, another extension type: malformed.
+    body = bytes(16)
+    for ext in (h("18000000 20000000 04000000 0a000000 1b000000 00000000"),
+                h("10000000 21000000 00000000 00000000")):
+        with pytest.raises(RemoteProtocolError, match="extension|supp_groups|ext_header"):
+            decode_raw(fs_frame(3, body + ext, extlen=len(ext) // 8))
+
+
+def test_golden_lseek_reply():
+    msg = FsReply(5, 0, LseekOut(8192))
+    assert encode(msg) == h(
+        "02000000 05000000 30000000"
+        "18000000 00000000 0500000000000000"
+        "0020000000000000"  # fuse_lseek_out
+        + "00" * 24  # NO_LEASE
+    )
+    assert decode(encode(msg), lambda u: Opcode.LSEEK) == msg
+
+
 def test_golden_forget_request_needs_no_reply():
     msg = FsRequest(unique=0, nodeid=5, op=Forget(2))
     assert encode(msg) == h(
@@ -860,8 +902,11 @@ def test_docs_protocol_md_examples_are_exact():
         encode(AuthReply(0, PROOF)),
         encode(FsRequest(7, 1, Lookup(b"foo"), uid=1000, gid=1000, pid=42)),
         encode(FsRequest(8, 5, Write(fh=3, offset=4096, data=b"hi"))),
+        encode(FsRequest(3, 1, Symlink(b"ln", b"a/b"), uid=1000, gid=1000, pid=42)),
+        encode(FsRequest(4, 5, Getattr(), uid=1000, gid=1000, pid=42, groups=(10, 27))),
         encode(FsRequest(0, 5, Forget(2))),
         encode(FsReply(9, body=WriteOut(4096), lease=LeaseGrant(5, 2, 1000, 3))),
+        encode(FsReply(5, 0, LseekOut(8192))),
         encode(FsReply(9, error=-errno.ENOENT)),
         encode(FsReply(1, body=ReaddirOut((DirEntry(ino=9, off=1, type=8, name=b"abc"),)))),
         encode(Invalidate(seq=3, ino=5, offset=0, length=-1, generation=2)),
