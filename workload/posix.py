@@ -125,8 +125,10 @@ def all_tests() -> list[str]:
     return sorted(found)
 
 
-def ensure_built() -> None:
-    if os.path.exists(os.path.join(BUILD, "pjdfstest")) and os.path.isdir(TESTS):
+def ensure_built(also: str | None = None) -> None:
+    """Build the tools (pjdfstest, fsx) under BUILD unless they are there (and `also`)."""
+    if (os.path.exists(os.path.join(BUILD, "pjdfstest")) and os.path.isdir(TESTS)
+            and (also is None or os.path.exists(also))):
         return
     script = os.path.join(THIRDPARTY, "build.sh")
     if not os.path.exists(script):
