@@ -32,6 +32,7 @@ from protocol.messages import (
     CreateOut,
     Detector,
     DirEntry,
+    DirEntryPlus,
     EmptyOut,
     EntryOut,
     Fallocate,
@@ -63,7 +64,9 @@ from protocol.messages import (
     Policy,
     Read,
     Readdir,
+    Readdirplus,
     ReaddirOut,
+    ReaddirplusOut,
     Readlink,
     ReadOut,
     Release,
@@ -99,6 +102,7 @@ REQUEST_BODIES: dict[Opcode, tuple[type, object]] = {
     Opcode.FLUSH: (Flush, fuse.FlushIn),
     Opcode.CREATE: (Create, fuse.CreateIn),
     Opcode.READDIR: (Readdir, fuse.ReadIn),
+    Opcode.READDIRPLUS: (Readdirplus, fuse.ReadIn),
     Opcode.READLINK: (Readlink, fuse.ReadlinkIn),
     Opcode.SYMLINK: (Symlink, fuse.SymlinkIn),
     Opcode.MKNOD: (Mknod, fuse.MknodIn),
@@ -132,6 +136,7 @@ REPLY_BODIES: dict[Opcode, type] = {
     Opcode.READ: ReadOut,
     Opcode.WRITE: WriteOut,
     Opcode.READDIR: ReaddirOut,
+    Opcode.READDIRPLUS: ReaddirplusOut,
     Opcode.UNLINK: EmptyOut,
     Opcode.RMDIR: EmptyOut,
     Opcode.RENAME: EmptyOut,
@@ -155,6 +160,7 @@ REPLY_BODIES: dict[Opcode, type] = {
 }
 
 _Dirents = GreedyRange(fuse.Dirent)
+_DirentsPlus = GreedyRange(fuse.DirentPlus)
 _NAME_FIELDS = {"name", "oldname", "newname", "target"}
 _MAX_ERRNO = 4095
 
@@ -202,6 +208,13 @@ def _entry_dict(entry: EntryOut) -> dict:
     return d
 
 
+def _dirent(e: DirEntry) -> bytes:
+    if not e.name or b"\x00" in e.name or b"/" in e.name:
+        raise LocalProtocolError(f"bad directory entry name {e.name!r}")
+    return _build(fuse.Dirent, {"ino": e.ino, "off": e.off, "namelen": len(e.name),
+                                "type": e.type, "name": e.name}, "fuse_dirent")
+
+
 def _encode_reply_body(body) -> bytes:
     match body:
         case EmptyOut():
@@ -225,13 +238,10 @@ def _encode_reply_body(body) -> bytes:
         case WriteOut():
             return _build(fuse.WriteOut, {"size": body.size}, "fuse_write_out")
         case ReaddirOut():
-            out = []
-            for e in body.entries:
-                if not e.name or b"\x00" in e.name or b"/" in e.name:
-                    raise LocalProtocolError(f"bad directory entry name {e.name!r}")
-                out.append(_build(fuse.Dirent, {"ino": e.ino, "off": e.off, "namelen": len(e.name),
-                                                "type": e.type, "name": e.name}, "fuse_dirent"))
-            return b"".join(out)
+            return b"".join(_dirent(e) for e in body.entries)
+        case ReaddirplusOut():
+            return b"".join(_encode_reply_body(e.entry) + _dirent(e.dirent)
+                            for e in body.entries)
     raise LocalProtocolError(f"unknown reply body {type(body).__name__}")
 
 
@@ -419,6 +429,15 @@ def _decode_reply_body(opcode: Opcode, body: bytes):
                 raise RemoteProtocolError(
                     f"malformed {what}: bad directory entry name {bytes(d.name)!r}")
         return ReaddirOut(tuple(DirEntry(d.ino, d.off, d.type, bytes(d.name)) for d in items))
+    if cls is ReaddirplusOut:
+        items = _parse(_DirentsPlusExact, body, what)
+        for d in items:
+            if not d.dirent.name or b"\x00" in d.dirent.name or b"/" in d.dirent.name:
+                raise RemoteProtocolError(
+                    f"malformed {what}: bad directory entry name {bytes(d.dirent.name)!r}")
+        return ReaddirplusOut(tuple(
+            DirEntryPlus(_entry(d.entry), DirEntry(d.dirent.ino, d.dirent.off, d.dirent.type,
+                                                   bytes(d.dirent.name))) for d in items))
     raise RemoteProtocolError(f"no decoder for {what}")  # pragma: no cover
 
 
@@ -437,6 +456,7 @@ _AttrExact = _Exact(fuse.AttrOut)
 _OpenExact = _Exact(fuse.OpenOut)
 _WriteExact = _Exact(fuse.WriteOut)
 _DirentsExact = _Exact(_Dirents)
+_DirentsPlusExact = _Exact(_DirentsPlus)
 _CreateExact = _Exact(Struct("entry" / fuse.EntryOut, "open" / fuse.OpenOut))
 _InvalInodeExact = _Exact(fuse.NotifyInvalInodeOut)
 _StatfsExact = _Exact(fuse.StatfsOut)

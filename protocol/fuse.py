@@ -309,6 +309,8 @@ StatfsOut = Struct(
 )
 GetxattrOut = Struct("size" / Int32ul, Padding(4))  # 8 bytes: the kernel asked for the size only
 LseekOut = Struct("offset" / Int64ul)  # 8 bytes
+# READDIRPLUS: each entry is a fuse_entry_out and then a fuse_dirent (padded to 8)
+DirentPlus = Struct("entry" / EntryOut, "dirent" / Dirent)
 InitOut = Struct(
     "major" / Int32ul,
     "minor" / Int32ul,

@@ -216,6 +216,20 @@ class ReaddirOut:
 
 
 @dataclass(frozen=True)
+class DirEntryPlus:
+    """One READDIRPLUS entry: the name's entry (as a LOOKUP answers it; it counts
+    one lookup) and its directory entry."""
+
+    entry: EntryOut
+    dirent: DirEntry
+
+
+@dataclass(frozen=True)
+class ReaddirplusOut:
+    entries: tuple[DirEntryPlus, ...]
+
+
+@dataclass(frozen=True)
 class EmptyOut:
     pass
 
@@ -251,7 +265,7 @@ class LseekOut:
 
 ReplyBody = (
     EntryOut | AttrOut | OpenOut | CreateOut | ReadOut | WriteOut | ReaddirOut | EmptyOut
-    | BytesOut | StatfsOut | LseekOut
+    | BytesOut | StatfsOut | LseekOut | ReaddirplusOut
 )
 
 
@@ -397,6 +411,19 @@ class Readdir:
 
 
 @dataclass(frozen=True)
+class Readdirplus:
+    """READDIR with each entry's attributes; every entry counts one lookup."""
+
+    fh: int = 0
+    offset: int = 0
+    size: int = 65536
+    read_flags: int = 0
+    lock_owner: int = 0
+    flags: int = 0
+    opcode = Opcode.READDIRPLUS
+
+
+@dataclass(frozen=True)
 class Readlink:
     opcode = Opcode.READLINK
 
@@ -516,7 +543,7 @@ FsOp = (
     Lookup | Forget | Getattr | Setattr | Mkdir | Unlink | Rmdir | Rename | Open | Read
     | Write | Release | Fsync | Flush | Create | Readdir | Readlink | Symlink | Mknod | Link
     | Statfs | Setxattr | Getxattr | Listxattr | Removexattr | Fsyncdir | Fallocate | Rename2
-    | Lseek | CopyFileRange
+    | Lseek | CopyFileRange | Readdirplus
 )
 
 

@@ -139,3 +139,26 @@ def test_fsx_without_mappings_passes_on_the_mount(mounted):
              if "fallocate mode" in line}
     assert modes <= {"FALLOC_FL_COLLAPSE_RANGE", "FALLOC_FL_INSERT_RANGE",
                      "FALLOC_FL_UNSHARE_RANGE"}, disabled
+
+
+@pytest.mark.parametrize("policy", ["always", "clean-lease"])
+def test_readdirplus_saves_the_lookups_of_a_listing_where_it_can(export, start_host, policy):
+    """`ls -l` of 20 files: under always (attributes cached without a lease) the
+    entries come with the listing (READDIRPLUS) and no LOOKUP follows; under
+    the lease policies the mount does not ask for it (an entry's attributes
+    would need a lease of their own), and each name is looked up."""
+    for i in range(20):
+        (export / f"f{i}").write_bytes(b"x" * i)
+    _, address = start_host(export, "--detector", "none", "--policy", policy)
+    base = tempfile.mkdtemp(prefix="cleanlease-mount.", dir="/tmp")
+    guest = MountedGuest(address, os.path.join(base, "mnt"), "ls")
+    try:
+        out = _sh(f"ls -l {guest.mountpoint}")
+        sizes = sorted(int(line.split()[4]) for line in out.splitlines()[1:])
+        assert sizes == list(range(20))
+        stats = guest.stats()
+        assert stats["lookups"] == (0 if policy == "always" else 20), stats
+        assert stats["errors"] == 0 and not stats["enosys"], stats
+    finally:
+        guest.stop()
+        shutil.rmtree(base, ignore_errors=True)

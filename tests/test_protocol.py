@@ -32,6 +32,7 @@ from protocol.messages import (
     CreateOut,
     Detector,
     DirEntry,
+    DirEntryPlus,
     EmptyOut,
     EntryOut,
     Fallocate,
@@ -62,7 +63,9 @@ from protocol.messages import (
     Policy,
     Read,
     Readdir,
+    Readdirplus,
     ReaddirOut,
+    ReaddirplusOut,
     Readlink,
     ReadOut,
     Release,
@@ -115,11 +118,14 @@ bytes_outs = st.builds(BytesOut, data=data)
 statfs_outs = st.builds(StatfsOut, blocks=u64, bfree=u64, bavail=u64, files=u64, ffree=u64,
                         bsize=u32, namelen=u32, frsize=u32)
 lseek_outs = st.builds(LseekOut, offset=u64)
+readdirplus_outs = st.builds(ReaddirplusOut, entries=st.lists(
+    st.builds(DirEntryPlus, entry=entry_outs, dirent=dir_entries), max_size=3).map(tuple))
 
 REPLY_BODY_STRATEGIES = {
     EntryOut: entry_outs, AttrOut: attr_outs, OpenOut: open_outs, CreateOut: create_outs,
     ReadOut: read_outs, WriteOut: write_outs, ReaddirOut: readdir_outs, EmptyOut: empty_outs,
     BytesOut: bytes_outs, StatfsOut: statfs_outs, LseekOut: lseek_outs,
+    ReaddirplusOut: readdirplus_outs,
 }
 
 _read_fields = dict(fh=u64, offset=u64, size=u32, read_flags=u32, lock_owner=u64, flags=u32)
@@ -143,6 +149,7 @@ OP_STRATEGIES = {
     Opcode.FLUSH: st.builds(Flush, fh=u64, lock_owner=u64),
     Opcode.CREATE: st.builds(Create, name=names, flags=u32, mode=u32, umask=u32, open_flags=u32),
     Opcode.READDIR: st.builds(Readdir, **_read_fields),
+    Opcode.READDIRPLUS: st.builds(Readdirplus, **_read_fields),
     Opcode.READLINK: st.builds(Readlink),
     Opcode.SYMLINK: st.builds(Symlink, name=names, target=names),
     Opcode.MKNOD: st.builds(Mknod, name=names, mode=u32, rdev=u32, umask=u32),
@@ -706,7 +713,7 @@ def test_need_reply_must_match_opcode():
         decode_raw(fs_frame(2, bytes(8), flags=0x9))
 
 
-@pytest.mark.parametrize("opcode", [0, 26, 31, 38, 44, 48, 9999, 0xFFFF_FFFF])
+@pytest.mark.parametrize("opcode", [0, 26, 31, 38, 39, 48, 9999, 0xFFFF_FFFF])
 def test_unsupported_opcode_is_its_own_error(opcode):
     with pytest.raises(codec.UnsupportedOpcode) as info:
         decode_raw(fs_frame(opcode, b"whatever", unique=77))

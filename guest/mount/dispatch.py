@@ -22,6 +22,7 @@ FORWARDED = {
     Opcode.FSYNC: files.fsync,
     Opcode.RELEASE: files.release,
     Opcode.READDIR: names.readdir,
+    Opcode.READDIRPLUS: names.readdirplus,
     Opcode.MKDIR: names.mkdir,
     Opcode.UNLINK: names.unlink,
     Opcode.RMDIR: names.rmdir,

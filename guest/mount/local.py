@@ -10,14 +10,17 @@ from guest.fuse_device import (
     FUSE_ASYNC_READ,
     FUSE_AUTO_INVAL_DATA,
     FUSE_BIG_WRITES,
+    FUSE_DO_READDIRPLUS,
     FUSE_HANDLE_KILLPRIV_V2,
     FUSE_MAX_PAGES,
     FUSE_PARALLEL_DIROPS,
+    FUSE_READDIRPLUS_AUTO,
     BatchForgetIn,
     ForgetOne,
 )
 from protocol import fuse
 from protocol.fuse import Opcode
+from protocol.messages import Policy
 
 if TYPE_CHECKING:  # the mount imports these handlers: name its type only for checkers
     from guest.mount.core import GuestMount
@@ -35,6 +38,11 @@ def _init(m: GuestMount, h, body) -> None:
     # HANDLE_KILLPRIV_V2: the host clears setuid/setgid (it writes, truncates and
     # chowns as the caller); the kernel's own way would chmod as the caller.
     wanted |= FUSE_MAX_PAGES | FUSE_HANDLE_KILLPRIV_V2
+    if m.policy in (Policy.TTL, Policy.ALWAYS):
+        # READDIRPLUS saves the LOOKUPs after a listing only where an entry's
+        # attributes may be cached without a lease of their own; under the lease
+        # policies its attributes would be fetched again by GETATTR.
+        wanted |= FUSE_DO_READDIRPLUS | FUSE_READDIRPLUS_AUTO
     out = fuse.InitOut.build({
         "major": fuse.KERNEL_MAJOR, "minor": min(arg.minor, fuse.KERNEL_MINOR),
         "max_readahead": arg.max_readahead, "flags": arg.flags & wanted,

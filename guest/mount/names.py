@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from protocol import fuse
-from protocol.messages import Lookup, Mkdir, Readdir, Rename, Rmdir, Unlink
+from protocol.messages import Lookup, Mkdir, Readdir, Readdirplus, Rename, Rmdir, Unlink
 
 if TYPE_CHECKING:  # the mount imports these handlers: name its type only for checkers
     from guest.mount.core import GuestMount
@@ -29,6 +29,23 @@ async def readdir(m: GuestMount, h, body) -> bytes:
     return b"".join(fuse.Dirent.build({"ino": e.ino, "off": e.off, "namelen": len(e.name),
                                        "type": e.type, "name": e.name})
                     for e in reply.body.entries)
+
+
+async def readdirplus(m: GuestMount, h, body) -> bytes:
+    """Negotiated only where it saves round trips (ttl, always: an entry's
+    attributes are valid without a lease of their own; local.py)."""
+    arg = fuse.ReadIn.parse(bytes(body))
+    reply = await m.ask(h, Readdirplus(arg.fh, arg.offset, arg.size, arg.read_flags,
+                                       arg.lock_owner, arg.flags))
+    m._accept(reply.lease)  # a lease on the directory lets its entries be cached
+    out = []
+    for e in reply.body.entries:
+        m._size_fetched(e.entry.nodeid, e.entry.attr)
+        d = e.dirent
+        out.append(m._entry_bytes(h.nodeid, e.entry, False) + fuse.Dirent.build({
+            "ino": d.ino, "off": d.off, "namelen": len(d.name), "type": d.type,
+            "name": d.name}))
+    return b"".join(out)
 
 
 async def mkdir(m: GuestMount, h, body) -> bytes:

@@ -4,10 +4,10 @@
 in it is answered with ENOSYS.  The families: names (the namespace), files
 (attributes and handles), data (READ and WRITE), links (symlinks, hard links,
 special files, RENAME2), xattrs (extended attributes), extents (FALLOCATE,
-LSEEK, COPY_FILE_RANGE), filesystem (STATFS, FSYNCDIR).
+LSEEK, COPY_FILE_RANGE), filesystem (STATFS, FSYNCDIR), listing (READDIRPLUS).
 """
 
-from host.ops import data, extents, files, filesystem, links, names, xattrs
+from host.ops import data, extents, files, filesystem, links, listing, names, xattrs
 from protocol.fuse import Opcode
 
 HANDLERS = {
@@ -41,4 +41,5 @@ HANDLERS = {
     Opcode.COPY_FILE_RANGE: extents.copy_file_range,
     Opcode.STATFS: filesystem.statfs,
     Opcode.FSYNCDIR: filesystem.fsyncdir,
+    Opcode.READDIRPLUS: listing.readdirplus,
 }
