@@ -139,7 +139,8 @@ class FuseDevice:
         self.closed = False
 
     def mount(self, mountpoint: str, *, source: str = "cleanlease", extra: str = "") -> None:
-        """mount(2) type "fuse" on `mountpoint`, served by this fd."""
+        """mount(2) type "fuse.cleanlease" (fuse, subtype cleanlease: what findmnt and
+        df show) on `mountpoint`, served by this fd; `source` is shown as its source."""
         mountpoint = os.path.realpath(mountpoint)
         st = os.stat(mountpoint)
         rootmode = f"{st.st_mode & 0o170000:o}"  # directory type bits only: 40000
@@ -147,7 +148,7 @@ class FuseDevice:
                    f"group_id={os.getegid()},default_permissions,allow_other")
         if extra:
             options += "," + extra
-        rc = _libc.mount(source.encode(), os.fsencode(mountpoint), b"fuse",
+        rc = _libc.mount(source.encode(), os.fsencode(mountpoint), b"fuse.cleanlease",
                          MS_NOSUID | MS_NODEV, options.encode())
         if rc != 0:
             err = ctypes.get_errno()

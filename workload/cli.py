@@ -16,6 +16,7 @@ inode only while it is clean on the host.  The first dirtying write recalls
 every guest's copy before it lands; leases come back once the inode is flushed.
 
   cleanlease host --export DIR --listen unix:/tmp/cl.sock
+  cleanlease mount unix:/tmp/cl.sock /mnt/share     mount it (for people; root)
   cleanlease token cl.token
   cleanlease host --export DIR --listen tcp::7070 --token-file cl.token
   cleanlease simulate --workload read-mostly --guests 3 --duration 5
@@ -73,7 +74,16 @@ def build_parser() -> argparse.ArgumentParser:
     _loop_argument(host)
     host.set_defaults(func=_host)
 
-    guest = sub.add_parser("guest", help="run one guest actor of a workload",
+    from workload import mount_command
+
+    mount = sub.add_parser("mount", help="mount an export at MNT (for people)",
+                           description=mount_command.__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    mount_command.add_arguments(mount)
+    mount.set_defaults(func=mount_command.run)
+
+    guest = sub.add_parser("guest", help="run one guest actor of a workload (the "
+                                         "simulation's; to mount an export, use mount)",
                            description="Connect to a host and run one guest actor of a "
                                        "workload (used by simulate; prints READY, waits for "
                                        "'GO <t0_ns>' on stdin).")

@@ -40,8 +40,10 @@ class GuestMount(Coherence, KernelSize):
     """Serves one FUSE mount from one connected MountClient."""
 
     def __init__(self, client: MountClient, mountpoint: str, *, stats_path: str | None = None,
-                 read_delay: float = 0.0, hold_purges: bool = False):
+                 read_delay: float = 0.0, hold_purges: bool = False,
+                 source: str = "cleanlease"):
         self.client = client
+        self.source = source  # what findmnt and df show as the mount's source
         self.read_delay = read_delay  # fault injection: hold every READ reply this long
         # Fault injection: never drop an unleased READ reply's pages right after
         # it (R4's scheduled purge), so that the next GETATTR must drop them.
@@ -95,7 +97,7 @@ class GuestMount(Coherence, KernelSize):
     async def start(self, timeout: float = 10.0) -> None:
         """Mount, and return once the kernel's INIT has been answered (and, under
         the lease policies, the watchdog is watching)."""
-        self.dev.mount(self.mountpoint)
+        self.dev.mount(self.mountpoint, source=self.source)
         self.connection = self.dev.connection_id()
         self.loop.add_reader(self.dev.fd, self._readable)
         self._reading = True

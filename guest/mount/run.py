@@ -34,7 +34,7 @@ async def open_mount(address: str, mountpoint: str, *, name: str, token: bytes |
 
 async def run_mount(address: str, mountpoint: str, *, name: str = "mount",
                     stats_path: str | None = None, request_timeout: float = 30.0,
-                    token: bytes | None = None) -> int:
+                    token: bytes | None = None, source: str = "cleanlease") -> int:
     """Connect, mount, print `READY <mountpoint> ...`, serve until SIGINT/SIGTERM or
     until the host goes away; then unmount.  Returns the exit status."""
     if not os.path.isdir(mountpoint):
@@ -46,7 +46,7 @@ async def run_mount(address: str, mountpoint: str, *, name: str = "mount",
     hold_purges = os.environ.get("CLEANLEASE_MOUNT_HOLD_PURGES") == "1"
     mount = await open_mount(address, mountpoint, name=name, token=token,
                              request_timeout=request_timeout, stats_path=stats_path,
-                             read_delay=delay, hold_purges=hold_purges)
+                             read_delay=delay, hold_purges=hold_purges, source=source)
     client = mount.client
     print(f"READY {mount.mountpoint} policy={client.policy.label} guest={client.hello.guest_id}",
           flush=True)
