@@ -542,12 +542,14 @@ class GuestClient:
         return unique
 
     async def request(self, nodeid: int, op, unique: int | None = None,
-                      caller: tuple[int, int, int, tuple[int, ...]] | None = None) -> FsReply:
+                      caller: tuple[int, int, int, tuple[int, ...]] | None = None,
+                      wait_forever: bool = False) -> FsReply:
         """Send one FS request on the current session and wait for its reply.
 
         `caller` is (uid, gid, pid, supplementary groups) of whoever the request
         is for (a mount's kernel says); the host carries it out as them.  None:
-        as root, pid 0 (a library guest).
+        as root, pid 0 (a library guest).  `wait_forever`: no `request_timeout`
+        (a lock request that waits for another owner's lock).
 
         `unique` names the request; pass the same one to retry a request
         after a reconnect (the host answers it from its reply cache if it
@@ -565,7 +567,7 @@ class GuestClient:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         session.pending[unique] = (future, time.monotonic())
-        timeout = self.request_timeout
+        timeout = None if wait_forever else self.request_timeout
         timer = None
         try:
             session.send(FsRequest(unique, nodeid, op) if caller is None

@@ -39,7 +39,9 @@ DEV_FUSE = "/dev/fuse"
 
 # fuse_init_in/out flags (include/uapi/linux/fuse.h)
 FUSE_ASYNC_READ = 1 << 0
+FUSE_POSIX_LOCKS = 1 << 1
 FUSE_BIG_WRITES = 1 << 5
+FUSE_FLOCK_LOCKS = 1 << 10
 FUSE_AUTO_INVAL_DATA = 1 << 12
 FUSE_DO_READDIRPLUS = 1 << 13
 FUSE_READDIRPLUS_AUTO = 1 << 14

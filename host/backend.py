@@ -62,6 +62,7 @@ from host.exportfs.confined import renameat2 as _renameat2
 from host.exportfs.confined import reopen as _reopen
 from host.exportfs.extents import ExtentOps
 from host.exportfs.links import LinkOps
+from host.exportfs.locks import LockOps
 from host.exportfs.xattrs import XattrOps
 from host.inodes import ROOT_NODEID, InodeStore
 from host.linux.fileat import UTIME_NOW, UTIME_OMIT, chown_fd, set_times
@@ -99,7 +100,7 @@ class _Handle:
     fd: int
 
 
-class ExportFS(LinkOps, XattrOps, ExtentOps):
+class ExportFS(LinkOps, XattrOps, ExtentOps, LockOps):
     """The export, as guests see it: nodeids, file handles, confined passthrough.
 
     Args:
@@ -137,6 +138,7 @@ class ExportFS(LinkOps, XattrOps, ExtentOps):
                                  max_nodeids_per_owner=max_nodeids_per_owner)
         self._max_handles_total = max_handles
         self._handles: dict[int, _Handle] = {}
+        self._lock_fds: dict[int, dict[int, int]] = {}  # fh -> lock owner -> fd (LockOps)
         self._owner_handles: dict[int, set[int]] = {}
         self._next_fh = 1
         self._max_handles = max_handles_per_owner
@@ -498,13 +500,15 @@ class ExportFS(LinkOps, XattrOps, ExtentOps):
             return None
         return self._store.lookup_key(st.st_dev, st.st_ino)
 
-    def flush(self, owner: int, fh: int) -> None:
+    def flush(self, owner: int, fh: int, lock_owner: int | None = None) -> None:
         """What a guest ``close()`` of one descriptor means; the handle stays open.
 
         Raises:
           OSError: ``EBADF``; whatever the file system reports on close.
         """
         handle = self._handle(owner, fh)
+        if lock_owner is not None:  # a process closed a descriptor: its POSIX locks go
+            self.release_locks(owner, fh, lock_owner)
         # Closing a duplicate gives the file system the close() it would see
         # from a local process (network file systems write back on close,
         # POSIX locks are dropped), without giving up the handle.
@@ -645,6 +649,7 @@ class ExportFS(LinkOps, XattrOps, ExtentOps):
         return fh
 
     def _drop_handle(self, fh: int, handle: _Handle) -> None:
+        self._drop_locks(fh)
         del self._handles[fh]
         mine = self._owner_handles[handle.owner]
         mine.discard(fh)

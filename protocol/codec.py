@@ -43,6 +43,7 @@ from protocol.messages import (
     Fsync,
     Fsyncdir,
     Getattr,
+    Getlk,
     Getxattr,
     Heartbeat,
     HeartbeatReply,
@@ -51,6 +52,7 @@ from protocol.messages import (
     InvalEntry,
     Invalidate,
     LeaseGrant,
+    LkOut,
     Link,
     Listxattr,
     Lookup,
@@ -75,6 +77,8 @@ from protocol.messages import (
     Rename2,
     Rmdir,
     Setattr,
+    Setlk,
+    Setlkw,
     Setxattr,
     Statfs,
     StatfsOut,
@@ -103,6 +107,9 @@ REQUEST_BODIES: dict[Opcode, tuple[type, object]] = {
     Opcode.CREATE: (Create, fuse.CreateIn),
     Opcode.READDIR: (Readdir, fuse.ReadIn),
     Opcode.READDIRPLUS: (Readdirplus, fuse.ReadIn),
+    Opcode.GETLK: (Getlk, fuse.LkIn),
+    Opcode.SETLK: (Setlk, fuse.LkIn),
+    Opcode.SETLKW: (Setlkw, fuse.LkIn),
     Opcode.READLINK: (Readlink, fuse.ReadlinkIn),
     Opcode.SYMLINK: (Symlink, fuse.SymlinkIn),
     Opcode.MKNOD: (Mknod, fuse.MknodIn),
@@ -137,6 +144,9 @@ REPLY_BODIES: dict[Opcode, type] = {
     Opcode.WRITE: WriteOut,
     Opcode.READDIR: ReaddirOut,
     Opcode.READDIRPLUS: ReaddirplusOut,
+    Opcode.GETLK: LkOut,
+    Opcode.SETLK: EmptyOut,
+    Opcode.SETLKW: EmptyOut,
     Opcode.UNLINK: EmptyOut,
     Opcode.RMDIR: EmptyOut,
     Opcode.RENAME: EmptyOut,
@@ -235,6 +245,8 @@ def _encode_reply_body(body) -> bytes:
             return _build(fuse.StatfsOut, dataclasses.asdict(body), "fuse_statfs_out")
         case LseekOut():
             return _build(fuse.LseekOut, {"offset": body.offset}, "fuse_lseek_out")
+        case LkOut():
+            return _build(fuse.LkOut, dataclasses.asdict(body), "fuse_lk_out")
         case WriteOut():
             return _build(fuse.WriteOut, {"size": body.size}, "fuse_write_out")
         case ReaddirOut():
@@ -409,6 +421,9 @@ def _decode_reply_body(opcode: Opcode, body: bytes):
         return StatfsOut(**{name: c[name] for name in _fields(StatfsOut)})
     if cls is LseekOut:
         return LseekOut(_parse(_LseekExact, body, what).offset)
+    if cls is LkOut:
+        c = _parse(_LkExact, body, what)
+        return LkOut(c.start, c.end, c.type, c.pid)
     if cls is EntryOut:
         return _entry(_parse(_EntryExact, body, what))
     if cls is AttrOut:
@@ -461,6 +476,7 @@ _CreateExact = _Exact(Struct("entry" / fuse.EntryOut, "open" / fuse.OpenOut))
 _InvalInodeExact = _Exact(fuse.NotifyInvalInodeOut)
 _StatfsExact = _Exact(fuse.StatfsOut)
 _LseekExact = _Exact(fuse.LseekOut)
+_LkExact = _Exact(fuse.LkOut)
 
 
 def decode_payload(request: int, flags: int, payload: bytes,

@@ -261,6 +261,13 @@ CopyFileRangeIn = Struct(
     "flags" / Int64ul,
     Terminated,
 )
+# GETLK, SETLK, SETLKW: fuse_lk_in; `owner` is the kernel's lock owner (a POSIX lock's
+# files_struct, or with FUSE_LK_FLOCK in lk_flags the struct file of a flock), then the
+# fuse_file_lock (start, end inclusive, type F_RDLCK 0 / F_WRLCK 1 / F_UNLCK 2, pid), flat
+LkIn = Struct("fh" / Int64ul, "owner" / Int64ul, "start" / Int64ul, "end" / Int64ul,
+              "type" / Int32ul, "pid" / Int32ul, "lk_flags" / Int32ul, Padding(4), Terminated)
+FUSE_LK_FLOCK = 1 << 0
+
 InitIn = Struct(
     "major" / Int32ul,
     "minor" / Int32ul,
@@ -309,6 +316,7 @@ StatfsOut = Struct(
 )
 GetxattrOut = Struct("size" / Int32ul, Padding(4))  # 8 bytes: the kernel asked for the size only
 LseekOut = Struct("offset" / Int64ul)  # 8 bytes
+LkOut = Struct("start" / Int64ul, "end" / Int64ul, "type" / Int32ul, "pid" / Int32ul)  # 24
 # READDIRPLUS: each entry is a fuse_entry_out and then a fuse_dirent (padded to 8)
 DirentPlus = Struct("entry" / EntryOut, "dirent" / Dirent)
 InitOut = Struct(

@@ -263,9 +263,19 @@ class LseekOut:
     offset: int
 
 
+@dataclass(frozen=True)
+class LkOut:
+    """GETLK's answer: the conflicting lock, or `type` F_UNLCK (2) if none."""
+
+    start: int
+    end: int
+    type: int
+    pid: int
+
+
 ReplyBody = (
     EntryOut | AttrOut | OpenOut | CreateOut | ReadOut | WriteOut | ReaddirOut | EmptyOut
-    | BytesOut | StatfsOut | LseekOut | ReaddirplusOut
+    | BytesOut | StatfsOut | LseekOut | ReaddirplusOut | LkOut
 )
 
 
@@ -424,6 +434,37 @@ class Readdirplus:
 
 
 @dataclass(frozen=True)
+class Getlk:
+    """The first lock that would conflict with this one (fuse_lk_in).  `owner`
+    names the lock's owner in the guest; `end` is inclusive (2**63 - 1: to the
+    end of the file); `type` F_RDLCK 0, F_WRLCK 1, F_UNLCK 2; `lk_flags`
+    FUSE_LK_FLOCK 1 for a flock(2) lock (whole file, owned by the open file)."""
+
+    fh: int
+    owner: int
+    start: int = 0
+    end: int = 2**63 - 1
+    type: int = 0
+    pid: int = 0
+    lk_flags: int = 0
+    opcode = Opcode.GETLK
+
+
+@dataclass(frozen=True)
+class Setlk(Getlk):
+    """Take or drop a lock; -EAGAIN if another owner's conflicts."""
+
+    opcode = Opcode.SETLK
+
+
+@dataclass(frozen=True)
+class Setlkw(Getlk):
+    """Take a lock, waiting while another owner's conflicts."""
+
+    opcode = Opcode.SETLKW
+
+
+@dataclass(frozen=True)
 class Readlink:
     opcode = Opcode.READLINK
 
@@ -543,7 +584,7 @@ FsOp = (
     Lookup | Forget | Getattr | Setattr | Mkdir | Unlink | Rmdir | Rename | Open | Read
     | Write | Release | Fsync | Flush | Create | Readdir | Readlink | Symlink | Mknod | Link
     | Statfs | Setxattr | Getxattr | Listxattr | Removexattr | Fsyncdir | Fallocate | Rename2
-    | Lseek | CopyFileRange | Readdirplus
+    | Lseek | CopyFileRange | Readdirplus | Getlk | Setlk | Setlkw
 )
 
 

@@ -43,6 +43,7 @@ from protocol.messages import (
     Fsync,
     Fsyncdir,
     Getattr,
+    Getlk,
     Getxattr,
     Heartbeat,
     HeartbeatReply,
@@ -51,6 +52,7 @@ from protocol.messages import (
     InvalEntry,
     Invalidate,
     LeaseGrant,
+    LkOut,
     Link,
     Listxattr,
     Lookup,
@@ -74,6 +76,8 @@ from protocol.messages import (
     Rename2,
     Rmdir,
     Setattr,
+    Setlk,
+    Setlkw,
     Setxattr,
     Statfs,
     StatfsOut,
@@ -118,6 +122,7 @@ bytes_outs = st.builds(BytesOut, data=data)
 statfs_outs = st.builds(StatfsOut, blocks=u64, bfree=u64, bavail=u64, files=u64, ffree=u64,
                         bsize=u32, namelen=u32, frsize=u32)
 lseek_outs = st.builds(LseekOut, offset=u64)
+lk_outs = st.builds(LkOut, start=u64, end=u64, type=u32, pid=u32)
 readdirplus_outs = st.builds(ReaddirplusOut, entries=st.lists(
     st.builds(DirEntryPlus, entry=entry_outs, dirent=dir_entries), max_size=3).map(tuple))
 
@@ -125,7 +130,7 @@ REPLY_BODY_STRATEGIES = {
     EntryOut: entry_outs, AttrOut: attr_outs, OpenOut: open_outs, CreateOut: create_outs,
     ReadOut: read_outs, WriteOut: write_outs, ReaddirOut: readdir_outs, EmptyOut: empty_outs,
     BytesOut: bytes_outs, StatfsOut: statfs_outs, LseekOut: lseek_outs,
-    ReaddirplusOut: readdirplus_outs,
+    ReaddirplusOut: readdirplus_outs, LkOut: lk_outs,
 }
 
 _read_fields = dict(fh=u64, offset=u64, size=u32, read_flags=u32, lock_owner=u64, flags=u32)
@@ -150,6 +155,9 @@ OP_STRATEGIES = {
     Opcode.CREATE: st.builds(Create, name=names, flags=u32, mode=u32, umask=u32, open_flags=u32),
     Opcode.READDIR: st.builds(Readdir, **_read_fields),
     Opcode.READDIRPLUS: st.builds(Readdirplus, **_read_fields),
+    **{op: st.builds(cls, fh=u64, owner=u64, start=u64, end=u64, type=u32, pid=u32,
+                     lk_flags=u32)
+       for op, cls in ((Opcode.GETLK, Getlk), (Opcode.SETLK, Setlk), (Opcode.SETLKW, Setlkw))},
     Opcode.READLINK: st.builds(Readlink),
     Opcode.SYMLINK: st.builds(Symlink, name=names, target=names),
     Opcode.MKNOD: st.builds(Mknod, name=names, mode=u32, rdev=u32, umask=u32),
@@ -713,7 +721,7 @@ def test_need_reply_must_match_opcode():
         decode_raw(fs_frame(2, bytes(8), flags=0x9))
 
 
-@pytest.mark.parametrize("opcode", [0, 26, 31, 38, 39, 48, 9999, 0xFFFF_FFFF])
+@pytest.mark.parametrize("opcode", [0, 26, 37, 38, 39, 48, 9999, 0xFFFF_FFFF])
 def test_unsupported_opcode_is_its_own_error(opcode):
     with pytest.raises(codec.UnsupportedOpcode) as info:
         decode_raw(fs_frame(opcode, b"whatever", unique=77))

@@ -76,6 +76,7 @@ class GuestMount(Coherence, KernelSize):
         self.stop_requested = asyncio.Event()
         self.stop_reason = ""
         self._tasks: set[asyncio.Task] = set()
+        self.interruptible: dict[int, asyncio.Task] = {}  # unique -> a SETLKW's task
         self._stats_task: asyncio.Task | None = None
         self._reading = False
         # The watchdog (lease policies; docs/mount.md, "When the term runs out"):
@@ -164,11 +165,11 @@ class GuestMount(Coherence, KernelSize):
                           status)
                 self.request_stop(f"the watchdog exited ({status})")
 
-    def ask(self, h, op, nodeid: int | None = None):
+    def ask(self, h, op, nodeid: int | None = None, wait_forever: bool = False):
         """Forward `op` for the kernel request `h` (to `h.nodeid`, or `nodeid`), as
         the request's caller (guest/mount/caller.py); returns the host's reply."""
         return self.client.request(h.nodeid if nodeid is None else nodeid, op,
-                                   caller=caller_of(h))
+                                   caller=caller_of(h), wait_forever=wait_forever)
 
     def _announce(self, nodeid: int) -> None:
         """Data of `nodeid` may enter the page cache: the watchdog must purge it."""
@@ -337,6 +338,9 @@ class GuestMount(Coherence, KernelSize):
         task = asyncio.ensure_future(self._serve(handler, header, body))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        if opcode == Opcode.SETLKW:  # it may wait for ever: an INTERRUPT ends it (EINTR)
+            self.interruptible[header.unique] = task
+            task.add_done_callback(lambda _: self.interruptible.pop(header.unique, None))
 
     async def _serve(self, handler, header, body) -> None:
         unique = header.unique

@@ -4,7 +4,7 @@ is answered ENOSYS (and counted in `MountStats.enosys`)."""
 
 from __future__ import annotations
 
-from guest.mount import data, extents, files, filesystem, links, names, xattrs
+from guest.mount import data, extents, files, filesystem, links, locks, names, xattrs
 from guest.mount.local import LOCAL
 from protocol.fuse import Opcode
 
@@ -41,4 +41,7 @@ FORWARDED = {
     Opcode.COPY_FILE_RANGE: extents.copy_file_range,
     Opcode.STATFS: filesystem.statfs,
     Opcode.FSYNCDIR: filesystem.fsyncdir,
+    Opcode.GETLK: locks.getlk,
+    Opcode.SETLK: locks.setlk,
+    Opcode.SETLKW: locks.setlkw,
 }

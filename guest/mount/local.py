@@ -6,14 +6,18 @@ import errno
 import logging
 from typing import TYPE_CHECKING
 
+from construct import Int64ul, Struct
+
 from guest.fuse_device import (
     FUSE_ASYNC_READ,
     FUSE_AUTO_INVAL_DATA,
     FUSE_BIG_WRITES,
     FUSE_DO_READDIRPLUS,
+    FUSE_FLOCK_LOCKS,
     FUSE_HANDLE_KILLPRIV_V2,
     FUSE_MAX_PAGES,
     FUSE_PARALLEL_DIROPS,
+    FUSE_POSIX_LOCKS,
     FUSE_READDIRPLUS_AUTO,
     BatchForgetIn,
     ForgetOne,
@@ -21,6 +25,8 @@ from guest.fuse_device import (
 from protocol import fuse
 from protocol.fuse import Opcode
 from protocol.messages import Policy
+
+InterruptIn = Struct("unique" / Int64ul)  # fuse_interrupt_in
 
 if TYPE_CHECKING:  # the mount imports these handlers: name its type only for checkers
     from guest.mount.core import GuestMount
@@ -38,6 +44,9 @@ def _init(m: GuestMount, h, body) -> None:
     # HANDLE_KILLPRIV_V2: the host clears setuid/setgid (it writes, truncates and
     # chowns as the caller); the kernel's own way would chmod as the caller.
     wanted |= FUSE_MAX_PAGES | FUSE_HANDLE_KILLPRIV_V2
+    # Locks are the host's (host/exportfs/locks.py): guests and host-local processes
+    # see each other's.
+    wanted |= FUSE_POSIX_LOCKS | FUSE_FLOCK_LOCKS
     if m.policy in (Policy.TTL, Policy.ALWAYS):
         # READDIRPLUS saves the LOOKUPs after a listing only where an entry's
         # attributes may be cached without a lease of their own; under the lease
@@ -82,7 +91,11 @@ def _empty(m: GuestMount, h, body) -> None:
 
 
 def _interrupt(m: GuestMount, h, body) -> None:
-    pass  # the request runs to completion and is answered normally
+    # A SETLKW waiting for another owner's lock ends (EINTR: the caller got a
+    # signal); every other request runs to completion and is answered normally.
+    task = m.interruptible.get(InterruptIn.parse(bytes(body[:8])).unique)
+    if task is not None:
+        task.cancel()
 
 
 def _destroy(m: GuestMount, h, body) -> None:

@@ -4,10 +4,11 @@
 in it is answered with ENOSYS.  The families: names (the namespace), files
 (attributes and handles), data (READ and WRITE), links (symlinks, hard links,
 special files, RENAME2), xattrs (extended attributes), extents (FALLOCATE,
-LSEEK, COPY_FILE_RANGE), filesystem (STATFS, FSYNCDIR), listing (READDIRPLUS).
+LSEEK, COPY_FILE_RANGE), filesystem (STATFS, FSYNCDIR), listing (READDIRPLUS), locks (GETLK,
+SETLK, SETLKW).
 """
 
-from host.ops import data, extents, files, filesystem, links, listing, names, xattrs
+from host.ops import data, extents, files, filesystem, links, listing, locks, names, xattrs
 from protocol.fuse import Opcode
 
 HANDLERS = {
@@ -42,4 +43,7 @@ HANDLERS = {
     Opcode.STATFS: filesystem.statfs,
     Opcode.FSYNCDIR: filesystem.fsyncdir,
     Opcode.READDIRPLUS: listing.readdirplus,
+    Opcode.GETLK: locks.getlk,
+    Opcode.SETLK: locks.setlk,
+    Opcode.SETLKW: locks.setlkw,
 }

@@ -124,7 +124,7 @@ async def create_file(d: Daemon, s: Session, r: FsRequest) -> FsReply:
 
 
 async def flush(d: Daemon, s: Session, r: FsRequest) -> FsReply:
-    d.fs.flush(s.guest_id, r.op.fh)
+    d.fs.flush(s.guest_id, r.op.fh, r.op.lock_owner)  # (its POSIX locks go: locks.py)
     return FsReply(r.unique, 0, EmptyOut())
 
 
