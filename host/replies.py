@@ -27,8 +27,12 @@ from protocol.fuse import Opcode
 from protocol.messages import FsRequest
 
 # Requests whose repetition differs from doing them once.
+# (A second SYMLINK, LINK or MKNOD says EEXIST, a second XATTR_CREATE EEXIST, a
+# second REMOVEXATTR ENODATA, a second RENAME2 of two names exchanges them back.)
 _NOT_IDEMPOTENT = frozenset({Opcode.WRITE, Opcode.SETATTR, Opcode.CREATE, Opcode.MKDIR,
-                             Opcode.UNLINK, Opcode.RMDIR, Opcode.RENAME})
+                             Opcode.UNLINK, Opcode.RMDIR, Opcode.RENAME, Opcode.SYMLINK,
+                             Opcode.LINK, Opcode.MKNOD, Opcode.RENAME2, Opcode.SETXATTR,
+                             Opcode.REMOVEXATTR, Opcode.FALLOCATE, Opcode.COPY_FILE_RANGE})
 NO_CLIENT_ID = bytes(16)
 
 

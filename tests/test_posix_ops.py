@@ -232,3 +232,23 @@ async def test_requests_run_as_their_caller(export, start_host):
     assert (await g.call(other, Open(os.O_RDONLY), caller=NOBODY)).error == -errno.EACCES
     assert (await g.call(other, Open(os.O_RDONLY))).error == 0
     assert (await g.call(other, Read(0, 0, 1))).error == -errno.EBADF  # (fh 0 is none)
+
+
+async def test_a_retried_symlink_or_xattr_change_is_carried_out_once(export, start_host):
+    """The new modifications are in the reply cache: a guest that lost its
+    connection and sends the same request (same client id, same unique) again
+    gets the first answer, not EEXIST (nor a second exchange of two names)."""
+    (export / "a").write_bytes(b"A")
+    (export / "b").write_bytes(b"B")
+    _, address = _host(start_host, export)
+    client_id = os.urandom(16)
+    first = await RawGuest.connect(address, "first", client_id=client_id)
+    assert (await first.reply(first.send(ROOT, Symlink(b"s", b"t"), unique=41))).error == 0
+    assert (await first.reply(first.send(ROOT, Rename2(ROOT, b"a", b"b", 2), unique=42))).error \
+        == 0
+    first.close()
+    again = await RawGuest.connect(address, "again", client_id=client_id)
+    assert (await again.reply(again.send(ROOT, Symlink(b"s", b"t"), unique=41))).error == 0
+    assert (await again.reply(again.send(ROOT, Rename2(ROOT, b"a", b"b", 2), unique=42))).error \
+        == 0
+    assert (export / "a").read_bytes() == b"B"  # exchanged once, not twice
