@@ -252,3 +252,33 @@ async def test_a_retried_symlink_or_xattr_change_is_carried_out_once(export, sta
     assert (await again.reply(again.send(ROOT, Rename2(ROOT, b"a", b"b", 2), unique=42))).error \
         == 0
     assert (export / "a").read_bytes() == b"B"  # exchanged once, not twice
+
+
+async def test_bad_arguments_get_an_errno_and_the_daemon_serves_on(export, start_host):
+    (export / "f").write_bytes(b"data")
+    (export / "d").mkdir()
+    _, address = _host(start_host, export)
+    g = await RawGuest.connect(address, "g")
+    f, fh = await g.open("f", os.O_RDWR)
+    d = (await g.call(ROOT, Lookup(b"d"))).body.nodeid
+    cases = [
+        (ROOT, Symlink(b"a/b", b"t"), errno.EINVAL),  # a name is one component
+        (ROOT, Symlink(b"s", b""), errno.ENOENT),
+        (ROOT, Symlink(b"s", b"x" * 5000), errno.ENAMETOOLONG),
+        (ROOT, Link(d, b"dl"), errno.EPERM),  # no hard link of a directory
+        (ROOT, Link(999999, b"x"), errno.ESTALE),
+        (ROOT, Mknod(b"dir", stat.S_IFDIR | 0o755), errno.EINVAL),
+        (f, Fallocate(fh, 0, 0), errno.EINVAL),
+        (f, Fallocate(fh, 0, 10, 0x4000), errno.EINVAL),
+        (f, Fallocate(777, 0, 10), errno.EBADF),
+        (f, Lseek(fh, 0, 0), errno.EINVAL),  # SEEK_SET is the kernel's, not ours
+        (f, Lseek(fh, 4096, 3), errno.ENXIO),
+        (f, CopyFileRange(fh, 0, f, fh, 0, 10, 1), errno.EINVAL),
+        (f, Setxattr(b"user.k", b"v", 9), errno.EINVAL),
+        (f, Getxattr(b""), errno.EINVAL),
+        (ROOT, Rename2(ROOT, b"f", b"g", 4), errno.EINVAL),
+    ]
+    for nodeid, op, err in cases:
+        reply = await g.call(nodeid, op)
+        assert reply.error == -err, (op, reply)
+    assert (await g.call(f, Read(fh, 0, 4))).body.data == b"data"
