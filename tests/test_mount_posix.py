@@ -127,7 +127,7 @@ def test_fsx_without_mappings_passes_on_the_mount(mounted):
         if not os.path.isdir(os.path.join(posix.THIRDPARTY, "fsx")):
             pytest.skip(f"fsx is not at {posix.THIRDPARTY}")
         posix.ensure_built(fsx)
-    done = subprocess.run([fsx, "-N", "3000", "-W", "-R", "-S", "7", "-P", mounted,
+    done = subprocess.run([fsx, "-N", "2000", "-W", "-R", "-S", "7", "-P", mounted,
                            os.path.join(mounted, "fsx.file")], capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0 and "A-OK" in done.stdout, done.stdout[-3000:] + done.stderr
