@@ -141,7 +141,7 @@ def ensure_built(also: str | None = None) -> None:
 class MountedExport:
     """A `cleanlease host` on a fresh export and one `cleanlease guest --mount` of it."""
 
-    def __init__(self, base: str, policy: str = "clean-lease"):
+    def __init__(self, base: str, policy: str = "clean-lease", detector: str = "auto"):
         self.export = os.path.join(base, "export")
         self.mountpoint = os.path.join(base, "mnt")
         os.makedirs(self.export)
@@ -151,7 +151,8 @@ class MountedExport:
         py = [sys.executable, "-m", "workload.cli"]
         self.logs = {}
         self.host = self._start("host", py + ["host", "--export", self.export, "--listen",
-                                              f"unix:{sock}", "--policy", policy], base)
+                                              f"unix:{sock}", "--policy", policy,
+                                              "--detector", detector], base)
         self.guest = self._start("guest", py + ["guest", "--connect", f"unix:{sock}", "--mount",
                                                 self.mountpoint, "--actor", "posix"], base)
 
@@ -188,7 +189,7 @@ def summary(results: dict[str, FileResult]) -> tuple[int, int, int, int]:
 
 
 def compare(tests: list[str], jobs: int, timeout: float, policy: str,
-            progress: bool = True) -> tuple[dict, dict]:
+            progress: bool = True, detector: str = "auto") -> tuple[dict, dict]:
     """Run `tests` on ext4 and on a mount; returns (ext4 results, mount results)."""
     ensure_built()
     base = tempfile.mkdtemp(prefix="cleanlease-posix.", dir="/tmp")
@@ -197,7 +198,7 @@ def compare(tests: list[str], jobs: int, timeout: float, policy: str,
         plain = os.path.join(base, "ext4")
         os.makedirs(plain)
         ext4 = run_suite(tests, plain, "ext4", jobs, timeout, progress)
-        mounted = MountedExport(base, policy)
+        mounted = MountedExport(base, policy, detector)
         try:
             mount = run_suite(tests, mounted.mountpoint, "mount", jobs, timeout, progress)
         finally:
@@ -224,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=120.0,
                         help="seconds one file may take (default: 120)")
     parser.add_argument("--policy", default="clean-lease", help="the host's policy")
+    parser.add_argument("--detector", default="auto", help="the host's detector (default: auto)")
     parser.add_argument("--verbose", action="store_true",
                         help="print every failed case of the files failing only on the mount")
     args = parser.parse_args(argv)
@@ -238,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
                                          for o in args.only)]
         if not tests:
             raise SystemExit(f"posix: no test file matches {args.only}")
-    ext4, mount = compare(tests, args.jobs, args.timeout, args.policy)
+    ext4, mount = compare(tests, args.jobs, args.timeout, args.policy, detector=args.detector)
     print(f"{'':8} {'files':>6} {'tests':>6} {'failed':>7} {'failed files':>13}")
     for label, results in (("ext4", ext4), ("mount", mount)):
         files, cases, failed, bad = summary(results)
