@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test results bench chaos soak clean
+.PHONY: demo test results bench chaos soak clean dst mutants
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,16 @@ chaos: $(STAMP)
 	$(BIN)/python -m workload.chaos --seeds 1,2,3 --duration 20; peers=$$?; \
 	$(BIN)/cleanlease chaos-mount --seeds 1,2,3 --duration 20; mounts=$$?; \
 	test $$peers -eq 0 -a $$mounts -eq 0
+
+# The deterministic simulator (docs/simulation.md): 10,000 seeded schedules of the real
+# host and guest code on virtual time, on 2 processes.
+dst: $(STAMP)
+	$(BIN)/cleanlease dst --seeds 10000 --jobs 2
+
+# Each patch in tests/mutants/ removes one safety step; for each, the first seed (of up
+# to 10,000) whose schedule catches it, and the invariant it broke.
+mutants: $(STAMP)
+	$(BIN)/python -m workload.dst.mutants --max-seeds 10000 --jobs 2
 
 results: $(STAMP)
 	$(BIN)/cleanlease results

@@ -167,11 +167,11 @@ class Actors:
             result = await g.client.write(handle, first * BLOCK_SIZE, data)
         except HostError as exc:
             g.pending.pop(op, None)
-            self.world.trace(g.name, f"write v{g.writer}.{seq} failed: {_why(exc)}")
+            self.world.trace(g.name, f"write f{index} v{g.writer}.{seq} failed: {_why(exc)}")
             return
         except _GIVE_UP as exc:
             self._uncertain(g, op)
-            self.world.trace(g.name, f"write v{g.writer}.{seq} outcome unknown: {_why(exc)}")
+            self.world.trace(g.name, f"write f{index} v{g.writer}.{seq} outcome unknown: {_why(exc)}")
             return
         g.pending.pop(op, None)
         end = self.ns()
@@ -179,7 +179,7 @@ class Actors:
         for i in range(landed):
             self.records.append(WriteRecord(g.name, index, first + i, g.writer, seq, start, end,
                                             result.first_dirty, "guest"))
-        self.world.trace(g.name, f"write v{g.writer}.{seq} done ({landed}/{count} blocks"
+        self.world.trace(g.name, f"write f{index} v{g.writer}.{seq} done ({landed}/{count} blocks"
                                  f"{', first dirty' if result.first_dirty else ''})")
 
     async def _truncate(self, g: Guest, index: int, handle) -> None:
@@ -265,7 +265,7 @@ class Actors:
         for i in range(written // BLOCK_SIZE):
             self.records.append(WriteRecord(name, index, first + i, writer, seq, start, end, None,
                                             "host-local"))
-        w.trace(name, f"host write v{writer}.{seq} landed")
+        w.trace(name, f"host write f{index} v{writer}.{seq} landed")
 
     # --- the end ---------------------------------------------------------------------
 

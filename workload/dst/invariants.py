@@ -30,10 +30,13 @@ _STALL_SLACK_S = 0.005
 class Violation(Exception):
     """A broken invariant: `kind` names it, the message says what was seen."""
 
-    def __init__(self, kind: str, detail: str):
+    def __init__(self, kind: str, detail: str, *, file: int | None = None,
+                 at_ms: float | None = None):
         super().__init__(f"{kind}: {detail}")
         self.kind = kind
         self.detail = detail
+        self.file = file  # the file it concerns, if one: the trace shows its events
+        self.at_ms = at_ms  # when it was seen (virtual ms): the trace ends there
 
 
 def check_world(world) -> Violation | None:
@@ -51,7 +54,8 @@ def check_world(world) -> Violation | None:
             return Violation(kind, (
                 f"{r.actor} read f{r.file_id} block {r.block} = {version} at "
                 f"{r.start_ns / 1e6:.3f} ms ({'cache hit' if r.hit else 'from the host'}), but "
-                f"v{ov.writer}.{ov.seq} by {ov.actor} had replaced it at {ov.end_ns / 1e6:.3f} ms"))
+                f"v{ov.writer}.{ov.seq} by {ov.actor} had replaced it at {ov.end_ns / 1e6:.3f} ms"),
+                file=r.file_id, at_ms=r.end_ns / 1e6)
         return Violation("bad read", f"corrupt {dict(result.corrupt)}, phantom {result.phantom}, "
                                      f"future {result.future}")
     bound = stall_bound_s(world.p.ack_timeout_ms / 1000, world.p.term_ms / 1000) + _STALL_SLACK_S

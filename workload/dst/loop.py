@@ -58,7 +58,7 @@ class Node:
         self.clock_stopped = False
         self._paused_at = 0.0
         self.dead = False
-        self.held: list[tuple[contextvars.Context, object, tuple]] = []
+        self.held: list[tuple] = []  # callbacks and timers that came due while paused
         self.timers: list[asyncio.TimerHandle] = []
         self.context = contextvars.Context()
         self.context.run(CURRENT.set, self)
@@ -71,6 +71,11 @@ class Node:
     def to_global(self, local_time: float) -> float:
         base_global = self.loop.now if self.clock_stopped else self._base_global
         return base_global + (local_time - self._base_local) / self.rate
+
+    def local_due(self, global_time: float) -> float:
+        """The inverse of `to_global`: the local instant a global deadline stands for."""
+        base_global = self.loop.now if self.clock_stopped else self._base_global
+        return self._base_local + (global_time - base_global) * self.rate
 
     def clock(self) -> float:
         """This node's monotonic clock, in seconds."""
@@ -101,11 +106,21 @@ class Node:
             # is due that much later in global time.
             shift = self.loop.now - self._paused_at
             self._base_global = self.loop.now
-            self.clock_stopped = False
             self.loop._shift_timers(self, shift)
+        stopped, self.clock_stopped = self.clock_stopped, False
         held, self.held = self.held, []
-        for context, callback, args in held:
-            self.loop.call_soon(callback, *args, context=context)
+        for entry in held:
+            if entry[0] == "timer":
+                _, context, cell, local_due, callback, args = entry
+                if cell[0]._cancelled:
+                    continue
+                # A timer that came due while the node was paused: with its clock
+                # stopped it is not due yet on the node's clock; else it is overdue.
+                when = self.to_global(local_due) if stopped else self.loop.now
+                self.loop._schedule_timer(self, context, cell, local_due, callback, args, when)
+            else:
+                _, context, callback, args = entry
+                self.loop.call_soon(callback, *args, context=context)
 
     def kill(self) -> None:
         self.dead = True
@@ -176,13 +191,18 @@ class VirtualLoop(asyncio.BaseEventLoop):
         if context is None:
             context = contextvars.copy_context()
         node = context.get(CURRENT)
-        if node is not None:
-            callback = functools.partial(self._gated, node, context, callback)
-        handle = super().call_at(when, callback, *args, context=context)
-        if node is not None:
-            node.timers.append(handle)
-            if len(node.timers) > 256:
-                node.timers = [h for h in node.timers if h._scheduled and not h._cancelled]
+        if node is None:
+            return super().call_at(when, callback, *args, context=context)
+        return self._schedule_timer(node, context, [], node.local_due(when), callback, args, when)
+
+    def _schedule_timer(self, node, context, cell, local_due, callback, args, when):
+        gated = functools.partial(self._gated_timer, node, context, cell, local_due, callback)
+        handle = super().call_at(when, gated, *args, context=context)
+        if not cell:
+            cell.append(handle)  # the caller's handle: its cancel() counts for every re-arm
+        node.timers.append(handle)
+        if len(node.timers) > 256:
+            node.timers = [h for h in node.timers if h._scheduled and not h._cancelled]
         return handle
 
     def call_later(self, delay, callback, *args, context=None):
@@ -200,7 +220,16 @@ class VirtualLoop(asyncio.BaseEventLoop):
         if node.dead:
             return
         if node.paused:
-            node.held.append((context, callback, args))
+            node.held.append(("soon", context, callback, args))
+            return
+        self.callbacks_run += 1
+        callback(*args)
+
+    def _gated_timer(self, node: Node, context, cell, local_due, callback, *args):
+        if node.dead or cell[0]._cancelled:
+            return
+        if node.paused:
+            node.held.append(("timer", context, cell, local_due, callback, args))
             return
         self.callbacks_run += 1
         callback(*args)

@@ -74,12 +74,29 @@ def print_outcome(outcome: Outcome, steps: int, out=sys.stdout) -> None:
               f"virtual, digest {outcome.digest})", file=out)
         return
     print(f"seed {outcome.seed}: FAILED: {outcome.violation}", file=out)
-    print(f"the last {min(TRACE_LINES, len(outcome.events))} events "
-          f"(virtual ms, who, what):", file=out)
-    for line in outcome.events[-TRACE_LINES:]:
+    events = relevant_events(outcome)
+    print(f"the last {len(events)} events before it that concern it (virtual ms, who, what; "
+          f"--seed {outcome.seed} --trace prints them all):", file=out)
+    for line in events:
         print(f"  {line}", file=out)
     print(f"replay: cleanlease dst --seed {outcome.seed} --steps {steps}   "
           f"(digest {outcome.digest})", file=out)
+
+
+_FAULTS = ("cut", "paused", "resumed", "killed", "crashed", "closing", "up (", "fault", "log ",
+           "connected")
+
+
+def relevant_events(outcome: Outcome) -> list[str]:
+    """The trace up to the violation: the events of its file and every fault."""
+    v = outcome.violation
+    events = outcome.events
+    if v.at_ms is not None:
+        events = [e for e in events if float(e.split("ms", 1)[0]) <= v.at_ms + 0.001]
+    if v.file is not None:
+        tag = f" f{v.file}"
+        events = [e for e in events if tag in e or any(k in e for k in _FAULTS)]
+    return events[-TRACE_LINES:]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
