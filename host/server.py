@@ -734,9 +734,14 @@ class HostDaemon:
                     break
             raise
 
+    def restart_grace_left(self) -> float:
+        """Seconds until no lease a predecessor on this export granted can be
+        live (host/boot.py); 0 once that is so."""
+        return max(0.0, self._grace_until - self.clock())
+
     async def _after_restart_grace(self) -> None:
         """Wait until no lease a predecessor on this export granted can be live."""
-        remaining = self._grace_until - self.clock()
+        remaining = self.restart_grace_left()
         if remaining > 0:
             await asyncio.sleep(remaining)
 

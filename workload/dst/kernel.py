@@ -9,7 +9,9 @@ of host/fanotify_detector.py (`_dispatch`, `arm`):
 * every host-local write raises a pre-content event (the mount mark);
 * on an inode no guest knows, or a DIRTY one, the write is let through at
   once and recorded as in flight (an unknown inode is "possibly written
-  unseen" until its next successful arm);
+  unseen" until its next successful arm), except, for an inode no guest
+  knows, during a restarted daemon's grace (host/boot.py): it is held until
+  the grace is over;
 * on any other, the event waits for `host_local_modify` (the recall), in
   the daemon's node, and only then lets the write through;
 * a write let through may stay "inside write(2)" for a seeded while before
@@ -39,6 +41,7 @@ class SimPreContentDetector(Detector):
         self.in_flight: dict[tuple[int, int], int] = {}
         self.unseen: set[tuple[int, int]] = set()
         self.refused_arms = 0
+        self.held_for_restart = 0
         self.stopped: asyncio.Future | None = None
 
     async def start(self, daemon) -> None:
@@ -76,7 +79,12 @@ class SimPreContentDetector(Detector):
         self.events += 1
         daemon = self.daemon
         nodeid = daemon.fs.inodes.lookup_key(*key)
-        if nodeid is None:
+        if nodeid is None and daemon.restart_grace_left() > 0:
+            # As the real detector: the predecessor's guests may cache it.
+            self.held_for_restart += 1
+            await asyncio.wait([host_node.spawn(daemon._after_restart_grace()), self.stopped],
+                               return_when=asyncio.FIRST_COMPLETED)
+        elif nodeid is None:
             self.unseen.add(key)
         elif daemon.leases.state_of(nodeid) is not InodeState.DIRTY:
             recall = host_node.spawn(daemon.host_local_modify(nodeid))

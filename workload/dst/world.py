@@ -188,7 +188,7 @@ class World:
             elif not live:
                 continue
             elif kind == "cut":
-                g = rng.choice(live)
+                g = self._victim(live)
                 session = g.client.session
                 if session is not None and session.transport is not None:
                     late = rng.uniform(0.1, 2.0 * self.p.term_ms / 1000) if rng.random() < 0.3 else None
@@ -196,7 +196,7 @@ class World:
                                                            if late else ""))
                     session.transport.conn.cut(guest_notices_after=late)
             elif kind == "pause":
-                self._pause(rng.choice(live))
+                self._pause(self._victim(live))
             elif kind == "pause_many":
                 # Several guests stall at once (an overloaded host machine).
                 length = self._pause_length()
@@ -206,6 +206,19 @@ class World:
                 g = rng.choice(live)
                 self._kill(g)
                 self._new_guest()
+
+    def _victim(self, live: list[Guest]) -> Guest:
+        """A guest to fault: half the time one that holds a lease now (the
+        adversary knows the host's lease table), else any."""
+        if self.rng.random() < 0.5:
+            holding = set()
+            for leases in self.host.daemon.leases._inodes.values():
+                holding |= leases.holders
+            holders = [g for g in live if g.client.hello is not None
+                       and g.client.hello.guest_id in holding]
+            if holders:
+                return self.rng.choice(holders)
+        return self.rng.choice(live)
 
     def _pause_length(self) -> float:
         term = self.p.term_ms / 1000
