@@ -80,11 +80,15 @@ class SimPreContentDetector(Detector):
         daemon = self.daemon
         nodeid = daemon.fs.inodes.lookup_key(*key)
         if nodeid is None and daemon.restart_grace_left() > 0:
-            # As the real detector: the predecessor's guests may cache it.
+            # As the real detector: the predecessor's guests may cache it, so it
+            # is held until the grace ends, and in flight from now on (its
+            # thread is inside write(2), which the real detector's arm sees).
             self.held_for_restart += 1
+            self.in_flight[key] = self.in_flight.get(key, 0) + 1
             await asyncio.wait([host_node.spawn(daemon._after_restart_grace()), self.stopped],
                                return_when=asyncio.FIRST_COMPLETED)
-        elif nodeid is None:
+            return
+        if nodeid is None:
             self.unseen.add(key)
         elif daemon.leases.state_of(nodeid) is not InodeState.DIRTY:
             recall = host_node.spawn(daemon.host_local_modify(nodeid))
