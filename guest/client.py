@@ -695,12 +695,16 @@ class GuestClient:
         nodeid = await self.resolve(path)
         writing = (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC
         if writing:
-            self.cache.forget_own_copy(nodeid)
-        elif self.cache.policy is Policy.TTL:
-            attr = self.cache.cached_attr(nodeid) if self.cache.may_serve_attr(nodeid) else None
-            self.cache.revalidate_at_open(nodeid, attr or await self._getattr(nodeid))
-        reply = await self.request(nodeid, Open(flags))
-        self._take_reply_lease(nodeid, reply, modifies=bool(writing))
+            with self.cache.own_modification(nodeid):
+                self.cache.forget_own_copy(nodeid)
+                reply = await self.request(nodeid, Open(flags))
+                self._take_reply_lease(nodeid, reply, modifies=True)
+        else:
+            if self.cache.policy is Policy.TTL:
+                attr = self.cache.cached_attr(nodeid) if self.cache.may_serve_attr(nodeid) else None
+                self.cache.revalidate_at_open(nodeid, attr or await self._getattr(nodeid))
+            reply = await self.request(nodeid, Open(flags))
+            self._take_reply_lease(nodeid, reply, modifies=False)
         return FileHandle(path, nodeid, reply.body.fh, flags, self._host_ino.get(nodeid, (0, 0)))
 
     async def create(self, path: str, flags: int = os.O_RDWR, mode: int = 0o644) -> FileHandle:
@@ -766,9 +770,10 @@ class GuestClient:
 
         async def call():
             handle.check()
-            self.cache.forget_own_copy(handle.nodeid)
-            reply = await self.request(handle.nodeid, Write(handle.fh, offset, data), unique)
-            self._take_reply_lease(handle.nodeid, reply, modifies=True)
+            with self.cache.own_modification(handle.nodeid):
+                self.cache.forget_own_copy(handle.nodeid)
+                reply = await self.request(handle.nodeid, Write(handle.fh, offset, data), unique)
+                self._take_reply_lease(handle.nodeid, reply, modifies=True)
             return WriteResult(reply.body.size, reply.lease.first_dirty)
         return await self._retrying(call, idempotent=False)
 
@@ -778,9 +783,10 @@ class GuestClient:
 
         async def call():
             handle.check()
-            self.cache.forget_own_copy(handle.nodeid)
-            reply = await self.request(handle.nodeid, Setattr(FATTR_SIZE, size=size), unique)
-            self._take_reply_lease(handle.nodeid, reply, modifies=True)
+            with self.cache.own_modification(handle.nodeid):
+                self.cache.forget_own_copy(handle.nodeid)
+                reply = await self.request(handle.nodeid, Setattr(FATTR_SIZE, size=size), unique)
+                self._take_reply_lease(handle.nodeid, reply, modifies=True)
         await self._retrying(call, idempotent=False)
 
     async def fsync(self, handle: FileHandle, datasync: bool = False) -> None:

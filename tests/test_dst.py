@@ -122,8 +122,8 @@ def test_the_simulator_catches_a_grant_during_a_recall():
 
 # --- defects the simulator found -------------------------------------------------------
 
-async def _connected_pair(tmp_path):
-    """A real daemon and a real client over the simulator's network, on the running loop."""
+async def _connected_pair(tmp_path, clients: int = 1):
+    """A real daemon and real clients over the simulator's network, on the running loop."""
     from host.server import HostDaemon, _GuestProtocol
     from host.session import HostConfig
     from workload.dst.net import Network
@@ -136,9 +136,13 @@ async def _connected_pair(tmp_path):
     net = Network(loop, random.Random(1))
     host, guest = Node(loop, "host"), Node(loop, "guest")
     net.listener = lambda: (_GuestProtocol(daemon), host)
-    client = await GuestClient.connect("unix:/simulated", dial=lambda f: net.dial(guest, f),
-                                       clock=guest.clock, heartbeat=False, reconnect=False)
-    return daemon, client
+    made = []
+    for i in range(clients):
+        node = guest if i == 0 else Node(loop, f"guest{i}")
+        made.append(await GuestClient.connect(
+            "unix:/simulated", dial=lambda f, node=node: net.dial(node, f), clock=node.clock,
+            heartbeat=False, reconnect=False, client_id=bytes([i + 1]) * 16))
+    return (daemon, made[0]) if clients == 1 else (daemon, *made)
 
 
 def test_a_request_on_a_closing_connection_leaves_no_orphan_future(tmp_path):
@@ -183,6 +187,49 @@ def test_retrying_after_repeated_fencing_raises_instead_of_returning_none():
             raise HostError(errno.EKEYEXPIRED, "fenced")
         with pytest.raises(SessionLost, match="fenced"):
             await client._retrying(fenced)
+
+    loop.run_until(main())
+    loop.close()
+
+
+def test_a_writers_own_read_granted_before_its_write_is_not_cached(tmp_path):
+    """Found by dst (seed 1880 of the first 2,000, at 3b7e0d1): one thread of a
+    guest READs a file (the host grants a lease, generation 0), another WRITEs
+    it; the host recalls every holder but the writer, drops the writer as a
+    holder, and lands the write.  The READ reply reached the guest first and
+    was cached under its grant; until the WRITE reply's trailer was applied,
+    the guest served the old bytes, and since the host no longer counted it
+    as a holder, no later modification (a host-local write while the guest's
+    WRITE reply was held up) recalled them.  The guest is paused from the
+    moment the READ completes, which holds the WRITE reply back."""
+    loop = VirtualLoop()
+
+    async def main():
+        daemon, client, other = await _connected_pair(tmp_path, clients=2)
+        (tmp_path / "export" / "f").write_bytes(b"o" * 4096)
+        guest_node = client.session.transport.node
+        # Another guest holds a lease: the write waits for its ACK, so its
+        # reply comes a round trip after the READ's.
+        other_handle = await other.open("f")
+        await other.read(other_handle, 0, 4096)
+        handle = await guest_node.spawn(client.open("f", os.O_RDWR))
+        read = guest_node.spawn(client.read(handle, 0, 4096))
+        write = guest_node.spawn(client.write(handle, 0, b"n" * 4096))
+        read.add_done_callback(lambda _: guest_node.pause())
+        while not read.done():
+            await asyncio.sleep(0.0001)
+        assert read.result().data == b"o" * 4096  # served before the write landed
+        assert not write.done()
+        # The write has landed on the host; its reply is held by the pause.
+        while (tmp_path / "export" / "f").read_bytes() != b"n" * 4096:
+            await asyncio.sleep(0.0001)
+        cache = client.cache
+        assert not (cache.may_serve_data(handle.nodeid)
+                    and cache.read_pages(handle.nodeid, 0, 4096) == b"o" * 4096), \
+            "the writer caches the bytes its own write replaced, and nothing will recall them"
+        guest_node.resume()
+        await write
+        daemon.fs.close()
 
     loop.run_until(main())
     loop.close()

@@ -73,9 +73,10 @@ class SimPreContentDetector(Detector):
         except OSError:
             return True
 
-    async def event(self, key: tuple[int, int], host_node) -> None:
+    async def event(self, key: tuple[int, int], host_node) -> bool:
         """A write on inode `key` raised its pre-content event: return when the
-        detector lets it through (the write is then in flight: `landed`)."""
+        detector lets it through (the write is then in flight: `landed`).
+        True if the kernel let it through because the daemon died meanwhile."""
         self.events += 1
         daemon = self.daemon
         nodeid = daemon.fs.inodes.lookup_key(*key)
@@ -87,13 +88,17 @@ class SimPreContentDetector(Detector):
             self.in_flight[key] = self.in_flight.get(key, 0) + 1
             await asyncio.wait([host_node.spawn(daemon._after_restart_grace()), self.stopped],
                                return_when=asyncio.FIRST_COMPLETED)
-            return
+            return self.stopped.done()
         if nodeid is None:
             self.unseen.add(key)
         elif daemon.leases.state_of(nodeid) is not InodeState.DIRTY:
             recall = host_node.spawn(daemon.host_local_modify(nodeid))
             await asyncio.wait([recall, self.stopped], return_when=asyncio.FIRST_COMPLETED)
+            if not recall.done():
+                self.in_flight[key] = self.in_flight.get(key, 0) + 1
+                return True
         self.in_flight[key] = self.in_flight.get(key, 0) + 1
+        return False
 
     def landed(self, key: tuple[int, int]) -> None:
         count = self.in_flight.get(key, 0) - 1
@@ -104,19 +109,20 @@ class SimPreContentDetector(Detector):
 
 
 async def host_local_write(detector: SimPreContentDetector, host_node, path: str, offset: int,
-                           data: bytes, in_write_s: float) -> int:
+                           data: bytes, in_write_s: float) -> tuple[int, bool]:
     """One host-local pwrite(2) of `data` at `offset` in `path`, held by the
     detector as the kernel would; `in_write_s` is how long it stays inside
-    write(2), let through but not landed.  Returns the bytes written."""
+    write(2), let through but not landed.  Returns the bytes written, and
+    whether the kernel let it through only because the daemon died."""
     fd = os.open(path, os.O_WRONLY)
     try:
         st = os.fstat(fd)
         key = (st.st_dev, st.st_ino)
-        await detector.event(key, host_node)
+        released = await detector.event(key, host_node)
         try:
             if in_write_s > 0:
                 await asyncio.sleep(in_write_s)
-            return os.pwrite(fd, data, offset)
+            return os.pwrite(fd, data, offset), released
         finally:
             detector.landed(key)
     finally:

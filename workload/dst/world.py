@@ -35,7 +35,7 @@ from host.leases import CLOCK_RATE_MARGIN, stall_bound_s
 from host.server import HostDaemon, _GuestProtocol
 from host.session import HostConfig
 from protocol.messages import Policy
-from workload.dst.actors import Actors, Guest, file_path
+from workload.dst.actors import SLOTS, Actors, Guest, file_path, slot_id
 from workload.dst.faults import FaultyExportFS
 from workload.dst.invariants import Violation, check_world
 from workload.dst.kernel import SimPreContentDetector
@@ -87,6 +87,8 @@ class World:
         r = self.rng
         self.read_fraction = r.choice((0.5, 0.75, 0.9))
         self.files = r.randint(1, params.files)  # files the guests use (fewer: more contention)
+        self.favourite_p = r.choice((0.0, 0.0, 0.8))
+        self.namespace_p = r.choice((0.0, 0.1, 0.3))  # operations on names (actors.SLOTS)
         self.fault_p = r.choice((0.0, 0.0, 0.02, 0.1))
         self.weights = {
             "cut": r.choice((0, 1, 3)), "pause": r.choice((0, 1, 3)),
@@ -121,6 +123,9 @@ class World:
             with open(os.path.join(self.export, file_path(index)), "wb") as f:
                 for block in range(self.p.blocks):
                     f.write(make_block(Stamp.initial(index, block)))
+        for slot, path in enumerate(SLOTS):
+            with open(os.path.join(self.export, path), "wb") as f:
+                f.write(make_block(Stamp.initial(slot_id(slot), 0)))
 
     def _rate(self) -> float:
         # Each node within half the documented rate margin of true time, so
