@@ -132,7 +132,10 @@ async def _connected_pair(tmp_path, clients: int = 1):
     loop = asyncio.get_running_loop()
     export = tmp_path / "export"
     export.mkdir()
-    daemon = HostDaemon(HostConfig(str(export)), boot_id=bytes(16))
+    async def inline(call):  # the simulator runs no threads
+        return call()
+
+    daemon = HostDaemon(HostConfig(str(export)), boot_id=bytes(16), run_blocking=inline)
     net = Network(loop, random.Random(1))
     host, guest = Node(loop, "host"), Node(loop, "guest")
     net.listener = lambda: (_GuestProtocol(daemon), host)

@@ -40,16 +40,28 @@ class FaultyExportFS(ExportFS):
         return OSError(code, f"simulated {errno.errorcode[code]}")
 
     def write(self, owner, fh, offset, data):
+        return self.write_call(owner, fh, offset, data)()
+
+    def write_call(self, owner, fh, offset, data):
+        """The daemon's WRITE: checked now, written by the returned call (on a
+        worker in production, inline here).  An errno is raised now (inside
+        the modification, after its recall, as the pwrite's would be); a short
+        write is the call's."""
         if self._roll():
             kind = self.rng.choice(("EIO", "ENOSPC", "EFBIG", "short"))
             if kind == "short" and len(data) > BLOCK:
                 landed = self.rng.randrange(1, len(data) // BLOCK) * BLOCK
-                self.faults += 1
-                self.on_fault(f"fault: short write, {landed} of {len(data)} bytes")
-                return super().write(owner, fh, offset, memoryview(data)[:landed])
+                call = super().write_call(owner, fh, offset, memoryview(data)[:landed])
+
+                def short() -> int:
+                    self.faults += 1
+                    self.on_fault(f"fault: short write, {landed} of {len(data)} bytes")
+                    return call()
+                return short
             if kind != "short":
+                # Inside the modification, after its recall, as the pwrite's would be.
                 raise self._fail("write", getattr(errno, kind))
-        return super().write(owner, fh, offset, data)
+        return super().write_call(owner, fh, offset, data)
 
     def setattr(self, owner, nodeid, *, size=None, **kwargs):
         if size is not None and self._roll():
@@ -70,3 +82,4 @@ class FaultyExportFS(ExportFS):
 
     def flush_inode(self, nodeid):
         return self._faulty_sync(super().flush_inode(nodeid), "idle flush")
+

@@ -29,16 +29,6 @@ def mutant_names() -> list[str]:
     return sorted(name[:-len(".patch")] for name in os.listdir(MUTANTS) if name.endswith(".patch"))
 
 
-def describe(name: str) -> str:
-    """The patch's first comment line (`# ...` before the diff), else its name."""
-    with open(os.path.join(MUTANTS, f"{name}.patch")) as f:
-        for line in f:
-            if line.startswith("# "):
-                return line[2:].strip()
-            break
-    return name
-
-
 def hunt(name: str, *, max_seeds: int, steps: int, jobs: int) -> dict:
     """Apply mutant `name` to a copy and run seeds until one fails."""
     with tempfile.TemporaryDirectory(prefix=f"cleanlease-mutant-{name}-") as tmp:
