@@ -286,7 +286,9 @@ class Actors:
         path = SLOTS[slot]
         g.seq += 1
         seq = g.seq
-        target = f"d{(slot + 1) % 2}/t{g.writer}" if by_rename else path
+        # A private name of its own for each replacement (one left behind by a
+        # failed one must not be renamed over another slot later).
+        target = f"d{(slot + 1) % 2}/t{g.writer}.{seq}" if by_rename else path
         block = make_block(Stamp(slot_id(slot), 0, g.writer, seq, self.ns()))
         op = self._op()
         start = self.ns()
