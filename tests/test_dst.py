@@ -106,6 +106,7 @@ def test_a_seed_replays_bit_for_bit_in_another_process():
     assert run_seed(8, 40).digest != first.digest
 
 
+@pytest.mark.timeout(300)  # about a minute on 2 idle cores; more when others share them
 def test_a_thousand_seeds_of_the_real_code_find_nothing():
     done, failures = run_seeds(SEEDS, steps=STEPS, seed_base=0, jobs=2, stop_at_first=False)
     assert done == SEEDS
