@@ -225,7 +225,6 @@ class HostDaemon:
         await self.detector.start(self)
         log.info("%s", self.fd_budget.describe())
         self._schedule_idle_sweep()
-        return address
 
     async def close(self) -> None:
         if self._server is not None:
