@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test results bench chaos soak clean posix
+.PHONY: demo test results bench chaos soak clean posix dst mutants
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,16 @@ chaos: $(STAMP)
 # passes on ext4 but not on the mount.
 posix: $(STAMP)
 	$(BIN)/python -m workload.posix
+
+# The deterministic simulator (docs/simulation.md): 10,000 seeded schedules of the real
+# host and guest code on virtual time, on 2 processes.
+dst: $(STAMP)
+	$(BIN)/cleanlease dst --seeds 10000 --jobs 2
+
+# Each patch in tests/mutants/ removes one safety step; for each, the first seed (of up
+# to 10,000) whose schedule catches it, and the invariant it broke.
+mutants: $(STAMP)
+	$(BIN)/python -m workload.dst.mutants --max-seeds 10000 --jobs 2
 
 results: $(STAMP)
 	$(BIN)/cleanlease results

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from protocol.messages import Attr, LeaseGrant, Policy
@@ -74,6 +75,8 @@ class GuestCache:
         # ttl: the (mtime_ns, size) the cached pages of an inode belong to.
         self._page_version: dict[int, tuple[int, int]] = {}
         self.renewed_until = 0.0
+        # Inodes this guest is modifying right now (own_modification), by count.
+        self._modifying: dict[int, int] = {}
 
     # --- the policy ------------------------------------------------------------------
 
@@ -117,6 +120,9 @@ class GuestCache:
         if not self._uses_leases:
             return self.policy is not Policy.NEVER
         if not lease.granted:
+            return False
+        if lease.ino in self._modifying:
+            self.stats.stale_grants_dropped += 1
             return False
         if lease.generation < self._seen_generation.get(lease.ino, 0):
             self.stats.stale_grants_dropped += 1
@@ -293,6 +299,24 @@ class GuestCache:
         self._entries.pop((parent, name), None)
         self._entry_epoch[parent] = self._entry_epoch.get(parent, 0) + 1
         self._attrs.pop(parent, None)
+
+    @contextmanager
+    def own_modification(self, nodeid: int):
+        """`with cache.own_modification(nodeid):` around this guest's own
+        modification of `nodeid`, from before its request is sent until its
+        reply's trailer is applied.  No grant on `nodeid` is taken meanwhile:
+        one the host issued just before the modification's recall began (a
+        READ of another thread of this guest) may arrive first, and the host,
+        which does not recall the writer, no longer counts this guest as a
+        holder, so nothing would recall that copy once the modification (or
+        any later one) landed (found by cleanlease dst)."""
+        self._modifying[nodeid] = self._modifying.get(nodeid, 0) + 1
+        try:
+            yield
+        finally:
+            count = self._modifying.pop(nodeid) - 1
+            if count:
+                self._modifying[nodeid] = count
 
     def forget_own_copy(self, nodeid: int) -> None:
         """This guest is about to modify `nodeid`: its cache of it is no longer current."""

@@ -199,8 +199,14 @@ class GuestClient:
 
     def __init__(self, address: str, *, name: str, cache_bytes: int, request_timeout: float,
                  heartbeat: bool, reconnect: bool, reconnect_for: float,
-                 token: bytes | None = None):
+                 token: bytes | None = None, clock=time.monotonic, dial=None,
+                 client_id: bytes | None = None):
         self.address = address
+        # The guest's monotonic clock (seconds), for its term and deadlines; its
+        # timers are the running loop's.  `dial(protocol_factory)` opens the
+        # connection (by default to `address`); both are the simulator's seams.
+        self.clock = clock
+        self._dial = dial or self._dial_address
         self.name = name
         self.token = token
         self.cache_bytes = cache_bytes
@@ -216,7 +222,7 @@ class GuestClient:
         self._next_unique = 1
         # Who we are to the host across reconnections (HELLO): it answers a
         # retried WRITE or truncate from its reply cache instead of repeating it.
-        self.client_id = os.urandom(wire.CLIENT_ID_SIZE)
+        self.client_id = client_id or os.urandom(wire.CLIENT_ID_SIZE)
         self._host_ino: dict[int, tuple[int, int]] = {}  # nodeid -> (ino, generation), this session
         self._next_heartbeat = 1
         self._heartbeat_task: asyncio.Task | None = None
@@ -224,7 +230,7 @@ class GuestClient:
         self._connected = asyncio.Event()
         self._closing = False
         self._gone: Exception | None = None
-        self._files: set[FileHandle] = set()
+        self._files: dict[FileHandle, None] = {}  # open files (an ordered set)
         # Optional callback(message), run before the ACK; if it returns an
         # awaitable, the ACK waits for it, and is not sent at all if the
         # awaitable fails or is cancelled (the copy may still be there).
@@ -237,12 +243,14 @@ class GuestClient:
     async def connect(cls, address: str, *, name: str = "guest", cache_bytes: int = 64 << 20,
                       request_timeout: float = 30.0, heartbeat: bool = True,
                       reconnect: bool = True, reconnect_for: float = 30.0,
-                      token: bytes | None = None) -> "GuestClient":
+                      token: bytes | None = None, clock=time.monotonic, dial=None,
+                      client_id: bytes | None = None) -> "GuestClient":
         """Connect to `unix:PATH` or `tcp:HOST:PORT` and say HELLO.
 
         With a `token`, the host must prove it knows the same token, and we
         prove it to the host (protocol/auth.py); without one, a host that
-        asks for a token is refused.
+        asks for a token is refused.  `clock`, `dial` and `client_id` are
+        for the deterministic simulator (workload/dst/): see __init__.
 
         Raises ValueError for a malformed address, AuthenticationFailed if the
         token exchange fails, ConnectionError if the host refuses otherwise
@@ -251,19 +259,14 @@ class GuestClient:
         parse_address(address)  # refuse a malformed address before anything else
         self = cls(address, name=name, cache_bytes=cache_bytes, request_timeout=request_timeout,
                    heartbeat=heartbeat, reconnect=reconnect, reconnect_for=reconnect_for,
-                   token=token)
+                   token=token, clock=clock, dial=dial, client_id=client_id)
         await self._open_session()
         self._connected.set()
         return self
 
     async def _open_session(self) -> None:
-        loop = asyncio.get_running_loop()
         session = _Session(self)
-        where = parse_address(self.address)
-        if where.kind == "unix":
-            await loop.create_unix_connection(lambda: _ClientProtocol(session), where.path)
-        else:
-            await loop.create_connection(lambda: _ClientProtocol(session), where.host, where.port)
+        await self._dial(lambda: _ClientProtocol(session))
         offer = (wire.SUPPORTED_FEATURES | self.extra_features
                  | (wire.FEATURE_AUTH if self.token is not None else 0))
         session.send(Hello(wire.PROTOCOL_VERSION, offer, wire.DEFAULT_MAX_FRAME, self.name,
@@ -284,7 +287,7 @@ class GuestClient:
         self.boot_ids.append(reply.boot_id)
         if self.cache is None:
             self.cache = GuestCache(reply.policy, self.cache_bytes, ttl_s=reply.ttl_ms / 1000.0,
-                                    lease_term_s=reply.lease_term_ms / 1000.0)
+                                    lease_term_s=reply.lease_term_ms / 1000.0, clock=self.clock)
         else:
             # A new session holds no leases, whatever the boot id says.
             self.cache.clear()
@@ -293,6 +296,14 @@ class GuestClient:
         self._host_ino.clear()  # node ids belong to a session
         if self.heartbeat and self.cache.uses_leases:
             self._heartbeat_task = asyncio.ensure_future(self._heartbeats(session))
+
+    async def _dial_address(self, protocol_factory) -> None:
+        loop = asyncio.get_running_loop()
+        where = parse_address(self.address)
+        if where.kind == "unix":
+            await loop.create_unix_connection(protocol_factory, where.path)
+        else:
+            await loop.create_connection(protocol_factory, where.host, where.port)
 
     async def _authenticate(self, session: _Session, reply: HelloReply) -> None:
         """Run the AUTH exchange if the host asked for one; both sides must have a token.
@@ -358,7 +369,7 @@ class GuestClient:
             seq = self._next_heartbeat
             self._next_heartbeat += 1
             future = asyncio.get_running_loop().create_future()
-            session.pending[-seq] = (future, time.monotonic())
+            session.pending[-seq] = (future, self.clock())
             try:
                 session.send(Heartbeat(seq))
                 await asyncio.wait_for(future, self.request_timeout)
@@ -387,7 +398,7 @@ class GuestClient:
 
     async def _reconnect(self) -> None:
         """Try again with exponential backoff for `reconnect_for` seconds, then give up."""
-        deadline = time.monotonic() + self.reconnect_for
+        deadline = self.clock() + self.reconnect_for
         delay = 0.02
         while not self._closing:
             try:
@@ -400,7 +411,7 @@ class GuestClient:
                 self._connected.set()
                 return
             except (OSError, ConnectionError, asyncio.TimeoutError, ProtocolError):
-                if time.monotonic() + delay > deadline:
+                if self.clock() + delay > deadline:
                     self._gone = SessionLost(
                         f"the host at {self.address} is gone: no reconnection in "
                         f"{self.reconnect_for:.0f}s")
@@ -460,6 +471,7 @@ class GuestClient:
                     raise
             # The session that failed must be gone before we wait for the next one.
             await asyncio.wait_for(asyncio.shield(session.closed), self.request_timeout)
+        raise SessionLost(f"fenced by the host {_RETRY_ATTEMPTS} times in a row: giving up")
 
     # --- bytes in ---------------------------------------------------------------
 
@@ -566,12 +578,18 @@ class GuestClient:
             unique = self.new_unique()
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        session.pending[unique] = (future, time.monotonic())
+        session.pending[unique] = (future, self.clock())
         timeout = None if wait_forever else self.request_timeout
         timer = None
         try:
-            session.send(FsRequest(unique, nodeid, op) if caller is None
-                         else FsRequest(unique, nodeid, op, *caller))
+            try:
+                session.send(FsRequest(unique, nodeid, op) if caller is None
+                             else FsRequest(unique, nodeid, op, *caller))
+            except BaseException:
+                # Not sent: nothing will answer it, and it must not be left for
+                # `fail_all` to fail with nobody to see it.
+                session.pending.pop(unique, None)
+                raise
             if timeout is None or timeout <= 0:
                 reply: FsReply = await asyncio.wait_for(future, timeout)
             else:
@@ -678,19 +696,23 @@ class GuestClient:
             handle = await self._open(path, flags)
         else:
             handle = await self._retrying(lambda: self._open(path, flags))
-        self._files.add(handle)
+        self._files[handle] = None
         return handle
 
     async def _open(self, path: str, flags: int) -> FileHandle:
         nodeid = await self.resolve(path)
         writing = (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC
         if writing:
-            self.cache.forget_own_copy(nodeid)
-        elif self.cache.policy is Policy.TTL:
-            attr = self.cache.cached_attr(nodeid) if self.cache.may_serve_attr(nodeid) else None
-            self.cache.revalidate_at_open(nodeid, attr or await self._getattr(nodeid))
-        reply = await self.request(nodeid, Open(flags))
-        self._take_reply_lease(nodeid, reply, modifies=bool(writing))
+            with self.cache.own_modification(nodeid):
+                self.cache.forget_own_copy(nodeid)
+                reply = await self.request(nodeid, Open(flags))
+                self._take_reply_lease(nodeid, reply, modifies=True)
+        else:
+            if self.cache.policy is Policy.TTL:
+                attr = self.cache.cached_attr(nodeid) if self.cache.may_serve_attr(nodeid) else None
+                self.cache.revalidate_at_open(nodeid, attr or await self._getattr(nodeid))
+            reply = await self.request(nodeid, Open(flags))
+            self._take_reply_lease(nodeid, reply, modifies=False)
         return FileHandle(path, nodeid, reply.body.fh, flags, self._host_ino.get(nodeid, (0, 0)))
 
     async def create(self, path: str, flags: int = os.O_RDWR, mode: int = 0o644) -> FileHandle:
@@ -705,7 +727,7 @@ class GuestClient:
         self._take_reply_lease(entry.nodeid, reply, modifies=True)
         inode = self._host_ino[entry.nodeid] = (entry.attr.ino, entry.generation)
         handle = FileHandle(path, entry.nodeid, opened.fh, flags, inode)
-        self._files.add(handle)
+        self._files[handle] = None
         return handle
 
     def _take_reply_lease(self, nodeid: int, reply: FsReply, *, modifies: bool) -> None:
@@ -756,9 +778,10 @@ class GuestClient:
 
         async def call():
             handle.check()
-            self.cache.forget_own_copy(handle.nodeid)
-            reply = await self.request(handle.nodeid, Write(handle.fh, offset, data), unique)
-            self._take_reply_lease(handle.nodeid, reply, modifies=True)
+            with self.cache.own_modification(handle.nodeid):
+                self.cache.forget_own_copy(handle.nodeid)
+                reply = await self.request(handle.nodeid, Write(handle.fh, offset, data), unique)
+                self._take_reply_lease(handle.nodeid, reply, modifies=True)
             return WriteResult(reply.body.size, reply.lease.first_dirty)
         return await self._retrying(call, idempotent=False)
 
@@ -768,9 +791,10 @@ class GuestClient:
 
         async def call():
             handle.check()
-            self.cache.forget_own_copy(handle.nodeid)
-            reply = await self.request(handle.nodeid, Setattr(FATTR_SIZE, size=size), unique)
-            self._take_reply_lease(handle.nodeid, reply, modifies=True)
+            with self.cache.own_modification(handle.nodeid):
+                self.cache.forget_own_copy(handle.nodeid)
+                reply = await self.request(handle.nodeid, Setattr(FATTR_SIZE, size=size), unique)
+                self._take_reply_lease(handle.nodeid, reply, modifies=True)
         await self._retrying(call, idempotent=False)
 
     async def fsync(self, handle: FileHandle, datasync: bool = False) -> None:
@@ -780,7 +804,7 @@ class GuestClient:
         await self._retrying(call)
 
     async def close_file(self, handle: FileHandle) -> None:
-        self._files.discard(handle)
+        self._files.pop(handle, None)
         if handle.closed:
             return
         handle.closed = True

@@ -44,7 +44,9 @@ def _runtime_dir() -> str:
 class BootMarker:
     """The marker of one export; `path` may be given (tests), else derived."""
 
-    def __init__(self, export: str, term_ms: int, path: str | None = None):
+    def __init__(self, export: str, term_ms: int, path: str | None = None, *, clock=None):
+        """`clock` (CLOCK_BOOTTIME seconds by default) is given by the simulator."""
+        self._now = clock or _now
         digest = hashlib.sha256(os.fsencode(os.path.realpath(export))).hexdigest()[:16]
         self.path = path or os.path.join(_runtime_dir(), f"cleanlease-{digest}.boot")
         self.term_s = term_ms / 1000.0
@@ -65,7 +67,7 @@ class BootMarker:
             grace = term_end(0.0, max(old_term, self.term_s))
         elif words[:1] == ["until"] and len(words) > 1:
             try:
-                grace = max(0.0, int(words[1]) / 1e9 - _now())
+                grace = max(0.0, int(words[1]) / 1e9 - self._now())
             except ValueError:
                 grace = term_end(0.0, self.term_s)
         self._write(f"running {int(self.term_s * 1000)}\n")
@@ -79,7 +81,7 @@ class BootMarker:
             except OSError:
                 pass
             return
-        self._write(f"until {int((_now() + term_end(0.0, self.term_s)) * 1e9)}\n")
+        self._write(f"until {int((self._now() + term_end(0.0, self.term_s)) * 1e9)}\n")
 
     def _write(self, text: str) -> None:
         tmp = f"{self.path}.{os.getpid()}"

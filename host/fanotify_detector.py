@@ -33,7 +33,9 @@ Each event (the accessing thread is blocked until we answer):
   `/proc/<tid>/syscall`) is allowed at once;
 * a modification of an inode no guest knows is allowed at once, its thread
   is recorded, and the inode gets an ignore mark so it costs nothing more
-  until a guest leases it (arming removes it);
+  until a guest leases it (arming removes it); but during a restarted
+  daemon's grace (host/boot.py), when the predecessor's guests may still
+  cache it, it is held until the grace is over, and gets no ignore mark;
 * any other modification (or an access that cannot be classified) runs
   `HostDaemon.host_local_modify` in its own task: INVALIDATE to every
   holder, wait for the ACKs (or fence a silent holder once its term has
@@ -193,8 +195,9 @@ class FanotifyDetector(Detector):
         self._cooled = 0  # ignore marks put, ever
         self._prune_at = 1024
         self.counters = dict(reads=0, modifications=0, unknown_inode=0, dirty=0, recalls=0,
-                             mmap_writes=0, errors=0, not_quiescent=0, seeded_in_flight=0,
-                             unmarked_writable_files=0, no_fd=0, reading_paused=0)
+                             held_for_restart=0, mmap_writes=0, errors=0, not_quiescent=0,
+                             seeded_in_flight=0, unmarked_writable_files=0, no_fd=0,
+                             reading_paused=0)
         self._reading_paused = False
         self._no_fd_logged_at = -1e9
 
@@ -392,10 +395,14 @@ class FanotifyDetector(Detector):
             self._record(key, event.pid)
             self._answer(event)
             return
+        # During a restarted daemon's grace (host/boot.py) an inode no guest of
+        # this daemon knows may still be cached by its predecessor's guests:
+        # no ignore mark on it then (writes under one would raise no event).
+        in_grace = self._daemon.restart_grace_left() > 0
         access = classify(event.pid, event.fd)
         if not access.may_modify:
             self.counters["reads"] += 1
-            if nodeid is None:
+            if nodeid is None and not in_grace:
                 self._cool(event.fd, key)
             self._answer(event)
             return
@@ -409,12 +416,27 @@ class FanotifyDetector(Detector):
             # raise no event under the mark).
             self.counters["unknown_inode"] += 1
             self._record(key, event.pid)
+            if in_grace:
+                # ... and held until the predecessor's leases have surely run out,
+                # as the daemon holds the modifications that come through it.
+                self.counters["held_for_restart"] += 1
+                self._spawn(self._allow_after_restart_grace(event))
+                return
             self._cool(event.fd, key)
             self._answer(event)
             return
-        task = asyncio.ensure_future(self._recall_then_allow(event, nodeid, key))
+        self._spawn(self._recall_then_allow(event, nodeid, key))
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def _allow_after_restart_grace(self, event: PreContentEvent) -> None:
+        try:
+            await self._daemon._after_restart_grace()
+        finally:
+            self._answer(event)
 
     async def _recall_then_allow(self, event: PreContentEvent, nodeid: int,
                                  key: tuple[int, int]) -> None:

@@ -350,14 +350,15 @@ class ThrottledLog:
     within the interval are only counted, and the count is said with the
     next line of that kind (or by `flush`, when the daemon stops)."""
 
-    def __init__(self, logger: logging.Logger, interval: float = 10.0):
+    def __init__(self, logger: logging.Logger, interval: float = 10.0, *, clock=time.monotonic):
         self.logger = logger
+        self.clock = clock  # the daemon's (the simulator's is virtual)
         self.interval = interval
         self._last: dict[str, float] = {}
         self._held: dict[str, int] = {}
 
     def warning(self, kind: str, message: str, *args, level: int = logging.WARNING) -> None:
-        now = time.monotonic()
+        now = self.clock()
         if now - self._last.get(kind, -1e18) < self.interval:
             self._held[kind] = self._held.get(kind, 0) + 1
             return

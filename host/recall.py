@@ -39,8 +39,10 @@ class Recaller:
     """Recalls over `sessions` (the daemon's, by guest id, those still connected)."""
 
     def __init__(self, config: HostConfig, stats: HostStats, leases: LeaseTable,
-                 sessions: dict[int, Session], forget_guest: Callable[[int], None]):
+                 sessions: dict[int, Session], forget_guest: Callable[[int], None], *,
+                 clock: Callable[[], float] = time.monotonic):
         self.config = config
+        self.clock = clock  # the daemon's (seconds); its timers are the running loop's
         self.stats = stats
         self.leases = leases
         self.sessions = sessions
@@ -56,7 +58,7 @@ class Recaller:
         invalidations are not sent yet (so "holds nothing now" is no reason to
         forget it).  Its node ids stay known meanwhile (a lease is kept by node
         id, and a writer looking the file up again must find the same one)."""
-        remaining = session.lease_expiry() - time.monotonic()
+        remaining = session.lease_expiry() - self.clock()
         if session.fenced or remaining <= 0:
             self.forget_guest(session.guest_id)
             return
@@ -90,7 +92,7 @@ class Recaller:
         (a recall of an inode's data), the holders that have not ACKed yet
         are known meanwhile (`owes`).
         """
-        started = time.monotonic_ns()
+        started = int(self.clock() * 1e9)
         self.stats.recalls += 1
         running = _Running(set(), asyncio.get_running_loop().create_future())
         if data:
@@ -114,7 +116,7 @@ class Recaller:
                 if not runs:
                     del self._running[recall.ino]
                 running.over.set_result(None)
-            waited = time.monotonic_ns() - started
+            waited = int(self.clock() * 1e9) - started
             self.stats.recall_wait_max_ns = max(self.stats.recall_wait_max_ns, waited)
 
     def _send_invalidation(self, session: Session, make) -> asyncio.Future:
@@ -142,7 +144,7 @@ class Recaller:
         A lost connection is not an ACK: its future is never resolved."""
         # Its term stands still from the moment the invalidation was sent
         # (Session.renews), so this limit cannot move however busy it is.
-        limit = max(self.config.ack_timeout_ms / 1000.0, session.lease_expiry() - time.monotonic())
+        limit = max(self.config.ack_timeout_ms / 1000.0, session.lease_expiry() - self.clock())
         try:
             await asyncio.wait_for(asyncio.shield(ack), limit)
             return
@@ -158,6 +160,6 @@ class Recaller:
 
     async def _await_term_end(self, session: Session) -> None:
         """A holder whose connection was lost: wait until its term has surely run out."""
-        remaining = session.lease_expiry() - time.monotonic()
+        remaining = session.lease_expiry() - self.clock()
         if remaining > 0:
             await asyncio.sleep(remaining)

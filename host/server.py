@@ -27,8 +27,10 @@ import socket
 import stat as stat_module
 import struct
 import time
+from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 from host import cachestat, replies, statx
 from host.boot import BootMarker
@@ -72,6 +74,7 @@ from protocol.messages import (
 
 log = logging.getLogger("cleanlease.host")
 
+T = TypeVar("T")
 EKEYEXPIRED = errno.EKEYEXPIRED  # the reply to every request of a fenced guest
 
 
@@ -128,13 +131,27 @@ class _GuestProtocol(asyncio.Protocol):
 class HostDaemon:
     """The daemon's state: the export, the lease table, the sessions."""
 
-    def __init__(self, config: HostConfig, detector: HostDetector | None = None):
+    def __init__(self, config: HostConfig, detector: HostDetector | None = None, *,
+                 clock: Callable[[], float] = time.monotonic,
+                 run_blocking: Callable[[Callable[[], T]], Awaitable[T]] | None = None,
+                 boot_id: bytes | None = None, boot_marker: BootMarker | None = None,
+                 export_fs: Callable[..., ExportFS] = ExportFS):
+        """`clock` is the daemon's monotonic clock (seconds), for terms and
+        deadlines; its timers are the running loop's.  `run_blocking(fn)`, if
+        given, replaces the worker threads of the `run_blocking` method: the
+        deterministic simulator (workload/dst/) runs blocking backend calls
+        inline with it.  `boot_id` (random by default) and
+        `boot_marker` (the export's, in the runtime directory) are given by
+        the simulator and by tests; `export_fs` builds the backend (the
+        simulator's adds a seeded fault layer)."""
         self.config = config
+        self.clock = clock
+        self._run_inline = run_blocking
         self.detector = detector or NullDetector()
         self.leases = LeaseTable(config.policy, needs_arming=self.detector.needs_arming,
                                  on_forgotten=self.detector.forget)
         self.fd_budget = budget_for(config)
-        self.fs = ExportFS(config.export, max_handles_per_owner=self.fd_budget.handles_per_guest,
+        self.fs = export_fs(config.export, max_handles_per_owner=self.fd_budget.handles_per_guest,
                            on_forget=self.leases.forget_inode, max_handles=self.fd_budget.handles,
                            max_nodeids=self.fd_budget.nodeids,
                            max_nodeids_per_owner=self.fd_budget.nodeids_per_guest)
@@ -143,10 +160,11 @@ class HostDaemon:
                               max_delay=config.wrong_token_max_delay_ms / 1000.0)
         self._idle_timer: asyncio.TimerHandle | None = None
         # What the budgets do is logged once per kind and interval (host/limits.py).
-        self.throttled = ThrottledLog(log)
-        self.boot_id = os.urandom(16)
+        self.throttled = ThrottledLog(log, clock=clock)
+        self.boot_id = boot_id if boot_id is not None else os.urandom(16)
         self.sessions: dict[int, Session] = {}  # only those that finished the handshake
-        self._handshaking: set[Session] = set()
+        # (a dict, used as an ordered set: iterated in a deterministic order)
+        self._handshaking: dict[Session, None] = {}
         self.stats = HostStats()
         self._next_guest_id = 1
         self._recall_over: dict[int, asyncio.Future] = {}  # inode -> its recall has ended
@@ -158,12 +176,13 @@ class HostDaemon:
         # Blocking system calls of guest requests (`run_blocking`).
         self._workers = concurrent.futures.ThreadPoolExecutor(
             max_workers=16, thread_name_prefix="cleanlease-io")
-        self.recaller = Recaller(config, self.stats, self.leases, self.sessions, self._forget_guest)
+        self.recaller = Recaller(config, self.stats, self.leases, self.sessions, self._forget_guest,
+                                 clock=clock)
         self.replies = replies.ReplyCache(per_client=config.max_in_flight)
         self._flush_timers: dict[int, asyncio.TimerHandle] = {}
         # Until then no modification lands: leases a predecessor on this export
         # granted may still be live (host/boot.py).
-        self.boot_marker = BootMarker(config.export, config.lease_term_ms)
+        self.boot_marker = boot_marker or BootMarker(config.export, config.lease_term_ms)
         self._grace_until = 0.0
         self._tasks: set[asyncio.Task] = set()
         self._server: asyncio.AbstractServer | None = None
@@ -191,15 +210,21 @@ class HostDaemon:
                                                     where.port)
             bound = self._server.sockets[0].getsockname()
             address = f"tcp:{bound[0]}:{bound[1]}"
+        await self.begin()
+        return address
+
+    async def begin(self) -> None:
+        """Start serving (`start` calls it once it listens; the simulator, which
+        connects its own transports through `accept`, calls it directly): wait
+        out the predecessor's leases (host/boot.py), start the detector."""
         grace = self.boot_marker.start()
         if grace > 0:
-            self._grace_until = time.monotonic() + grace
+            self._grace_until = self.clock() + grace
             log.info("a previous daemon on this export may have granted leases that live "
                      "%.2f s more: modifications wait until then", grace)
         await self.detector.start(self)
         log.info("%s", self.fd_budget.describe())
         self._schedule_idle_sweep()
-        return address
 
     async def close(self) -> None:
         if self._server is not None:
@@ -227,7 +252,7 @@ class HostDaemon:
         are taken, the oldest handshake of the peer holding the most slots
         makes room for it, so peers that flood cannot lock a newcomer out."""
         cfg = self.config
-        session = Session(cfg, self.stats, transport)
+        session = Session(cfg, self.stats, transport, clock=self.clock)
         session.flow = FlowControl(
             transport, output_bound=cfg.output_bound, input_bound=cfg.input_bound,
             output_timeout=cfg.output_timeout_ms / 1000.0,
@@ -252,7 +277,7 @@ class HostDaemon:
             session.closed = True
             transport.abort()
             return session
-        self._handshaking.add(session)
+        self._handshaking[session] = None
         session.handshake_timer = asyncio.get_running_loop().call_later(
             self.config.handshake_timeout_ms / 1000.0, self._handshake_expired, session)
         return session
@@ -286,7 +311,7 @@ class HostDaemon:
         return True
 
     def _end_handshake(self, session: Session) -> None:
-        self._handshaking.discard(session)
+        self._handshaking.pop(session, None)
         if session.handshake_timer is not None:
             session.handshake_timer.cancel()
         if session.peer_slot:
@@ -384,7 +409,7 @@ class HostDaemon:
         one that holds no node id either): they would hold a session slot for
         ever (EUSERS for newcomers)."""
         self._schedule_idle_sweep()
-        now = time.monotonic()
+        now = self.clock()
         idle = self.config.idle_timeout_ms / 1000.0
         for session in list(self.sessions.values()):
             if session.closed or now - session.last_seen < idle:
@@ -415,7 +440,7 @@ class HostDaemon:
 
     def feed(self, session: Session, data: bytes) -> None:
         """Process bytes from a guest; a protocol error closes only that guest."""
-        session.last_seen = time.monotonic()
+        session.last_seen = self.clock()
         session.conn.receive_data(data)
         if not session.draining:
             self._drain(session)
@@ -693,6 +718,8 @@ class HostDaemon:
         caller does not abandon the call: this returns (raising CancelledError)
         only once the call is over, so a modification's end is never counted
         while its write may still land."""
+        if self._run_inline is not None:
+            return await self._run_inline(functools.partial(call, *args))
         future = asyncio.get_running_loop().run_in_executor(self._workers, call, *args)
         try:
             return await asyncio.shield(future)
@@ -706,9 +733,14 @@ class HostDaemon:
                     break
             raise
 
+    def restart_grace_left(self) -> float:
+        """Seconds until no lease a predecessor on this export granted can be
+        live (host/boot.py); 0 once that is so."""
+        return max(0.0, self._grace_until - self.clock())
+
     async def _after_restart_grace(self) -> None:
         """Wait until no lease a predecessor on this export granted can be live."""
-        remaining = self._grace_until - time.monotonic()
+        remaining = self.restart_grace_left()
         if remaining > 0:
             await asyncio.sleep(remaining)
 
@@ -1019,7 +1051,7 @@ class HostDaemon:
             return  # gone (unlinked and forgotten): nothing to re-arm
         mark = self.leases.flush_started(nodeid)
         try:
-            await asyncio.to_thread(sync)
+            await self.run_blocking(sync)
         except OSError as exc:  # EIO from writeback: stay DIRTY, try again later
             log.warning("flush of node %d failed: %s; will retry", nodeid, exc)
             self._schedule_flush(nodeid)

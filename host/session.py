@@ -132,7 +132,8 @@ class HostStats:
 class Session:
     """One connected guest: its connection, its handles' write modes, its liveness."""
 
-    def __init__(self, config: HostConfig, stats: HostStats, transport: asyncio.Transport):
+    def __init__(self, config: HostConfig, stats: HostStats, transport: asyncio.Transport, *,
+                 clock=time.monotonic):
         self.config = config
         self.stats = stats
         self.transport = transport
@@ -144,7 +145,7 @@ class Session:
         # Its cache keeps what unleased replies carry (HELLO: FEATURE_CACHES_UNLEASED).
         self.caches_unleased = False
         self.noreply_error_logged = False
-        self.last_seen = time.monotonic()
+        self.last_seen = clock()
         # The latest instant from which the host renewed this guest's term: the
         # arrival of a request (or HEARTBEAT) whose reply renewed it.  No reply
         # renews while an invalidation is owed (`acks`), so while the host waits

@@ -8,7 +8,6 @@ checks permissions for (SETATTR, OPEN, CREATE) runs as its caller
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import os
 from contextlib import AsyncExitStack
@@ -132,7 +131,7 @@ async def fsync(d: Daemon, s: Session, r: FsRequest) -> FsReply:
     op = r.op
     nodeid = d.fs.nodeid_of_handle(s.guest_id, op.fh)
     mark = d.leases.flush_started(nodeid)
-    await asyncio.to_thread(d.fs.fsync(s.guest_id, op.fh, bool(op.fsync_flags & 1)))
+    await d.run_blocking(d.fs.fsync(s.guest_id, op.fh, bool(op.fsync_flags & 1)))
     d.flushed(nodeid, mark)
     return FsReply(r.unique, 0, EmptyOut())
 
