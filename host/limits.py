@@ -145,6 +145,7 @@ def fds_in_use() -> int:
 # for the next turn (the others' frames and the tasks already started go
 # first), with that session's reading paused meanwhile.
 FRAMES_PER_TURN = 16
+SMALL_REPLY = 512  # the room reserved for a reply without data (attributes, an entry)
 
 
 # --- one session's flow --------------------------------------------------------------
