@@ -343,6 +343,32 @@ def classify(tid: int, event_fd: int | None = None) -> Access:
     return Access.UNKNOWN
 
 
+CANNOT_TELL = -1  # `_written_fd`: the call may modify something, and what cannot be told
+
+
+def _written_fd(fields: list[str]) -> int | None:
+    """The fd that a thread's current system call (the fields of its
+    ``/proc/<tid>/syscall``) may modify: None when it modifies nothing through
+    an fd (no call, or a call that does not modify), CANNOT_TELL when that
+    cannot be told (the thread is running, the line does not parse, or the
+    call takes a path: truncate)."""
+    if fields[0] == "running":
+        return CANNOT_TELL
+    if fields[0] == "-1" or len(fields) < 7:
+        return None
+    try:
+        nr = int(fields[0])
+        args = [int(a, 16) for a in fields[1:7]]
+    except ValueError:
+        return CANNOT_TELL
+    kind = SYSCALL_TABLE.get(nr)
+    if kind == "modify":
+        return CANNOT_TELL if nr in _BY_PATH else args[0] & 0xFFFFFFFF
+    if kind is not None and kind.startswith("rw:"):
+        return args[int(kind[3:].split(",")[1])] & 0xFFFFFFFF
+    return None
+
+
 def writing_to(tid: int, dev: int, ino: int) -> bool:
     """Is thread ``tid`` inside a system call that may be modifying inode
     ``(dev, ino)`` right now (or can that not be told)?
@@ -355,25 +381,11 @@ def writing_to(tid: int, dev: int, ino: int) -> bool:
     outside a system call, or in any other call (reads, mmap, futex...; an
     io_uring submission is not seen: docs/kernel.md, "What is missed").
     """
-    fields = (syscall_line(tid) or "-1").split()
-    if fields[0] == "running":
-        return True
-    if fields[0] == "-1" or len(fields) < 7:
+    fd = _written_fd((syscall_line(tid) or "-1").split())
+    if fd is None:
         return False
-    try:
-        nr = int(fields[0])
-        args = [int(a, 16) for a in fields[1:7]]
-    except ValueError:
+    if fd == CANNOT_TELL:
         return True
-    kind = SYSCALL_TABLE.get(nr)
-    if kind == "modify":
-        if nr in _BY_PATH:
-            return True
-        fd = args[0] & 0xFFFFFFFF
-    elif kind is not None and kind.startswith("rw:"):
-        fd = args[int(kind[3:].split(",")[1])] & 0xFFFFFFFF
-    else:
-        return False
     try:
         st = os.stat(f"/proc/{tid}/fd/{fd}")
     except FileNotFoundError:  # gone, or the fd was closed under the call: cannot tell
@@ -407,19 +419,8 @@ def modifying_threads(dev: int):
                 for key in _files_open_for_write(tgid, dev):
                     yield tid, tgid, key
                 continue
-            if fields[0] == "-1" or len(fields) < 7:
-                continue
-            try:
-                nr = int(fields[0])
-                args = [int(a, 16) for a in fields[1:7]]
-            except ValueError:
-                continue
-            kind = SYSCALL_TABLE.get(nr)
-            if kind == "modify" and nr not in _BY_PATH:
-                fd = args[0] & 0xFFFFFFFF
-            elif kind is not None and kind.startswith("rw:"):
-                fd = args[int(kind[3:].split(",")[1])] & 0xFFFFFFFF
-            else:
+            fd = _written_fd(fields)
+            if fd is None or fd == CANNOT_TELL:
                 continue
             try:
                 st = os.stat(f"/proc/{tid}/fd/{fd}")
