@@ -354,16 +354,12 @@ class Coherence:
         end(cancelled=False)
         return self.leases.read_while_recalling(nodeid)
 
-    def nodeid_of_name(self, parent: int, name: bytes) -> int | None:
-        """The node id of the inode `name` in `parent` names now (`ExportFS.peek`)."""
-        return self.fs.peek(parent, name)
-
     def before_create(self, parent: int, name: bytes) -> None:
         """CREATE may open an existing file for write: under open-lease, drop the
         kernel lease of whatever inode has that name now (see open_for_write)."""
         if self.leases.policy is not Policy.OPEN_LEASE:
             return
-        nodeid = self.nodeid_of_name(parent, name)
+        nodeid = self.fs.peek(parent, name)
         if nodeid is not None:
             self.detector.disarm(nodeid)
 

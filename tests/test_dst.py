@@ -220,8 +220,7 @@ def test_a_writers_own_read_granted_before_its_write_is_not_cached(tmp_path):
         read = guest_node.spawn(client.read(handle, 0, 4096))
         write = guest_node.spawn(client.write(handle, 0, b"n" * 4096))
         read.add_done_callback(lambda _: guest_node.pause())
-        while not read.done():
-            await asyncio.sleep(0.0001)
+        await asyncio.wait([read])
         assert read.result().data == b"o" * 4096  # served before the write landed
         assert not write.done()
         # The write has landed on the host; its reply is held by the pause.

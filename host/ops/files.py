@@ -97,7 +97,7 @@ async def create_file(d: Daemon, s: Session, r: FsRequest) -> FsReply:
     d.fs.getattr(s.guest_id, r.nodeid)
     # O_TRUNC on an existing file is a modification of that file too: its
     # recall runs at the same time as the name's (one wait, not two).
-    existing = d.nodeid_of_name(r.nodeid, op.name) if op.flags & os.O_TRUNC else None
+    existing = d.fs.peek(r.nodeid, op.name) if op.flags & os.O_TRUNC else None
     truncated = False
     async with AsyncExitStack() as stack:
         changes = [d.namespace_change(s.guest_id, (r.nodeid, op.name))]
