@@ -33,7 +33,7 @@ import os
 
 from construct import Int32ul, Int64ul, Padding, Struct
 
-from protocol import fuse
+from protocol import fuse, wire
 
 DEV_FUSE = "/dev/fuse"
 
@@ -372,7 +372,10 @@ _KIND = 3 << 62
 class Watchdog:
     """The guest's end of a watchdog process (see above)."""
 
-    def __init__(self, dev_fd: int, connection: int, mountpoint: str, guard_ns: int):
+    def __init__(self, dev_fd: int, connection: int, mountpoint: str, guard_ns: int,
+                 witness_fd: int = -1):
+        """`witness_fd`: a memfd from `guest.witness.write_config`, or -1: then it
+        has no witness connection to the host."""
         import mmap
         import subprocess
         import sys
@@ -391,13 +394,17 @@ class Watchdog:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "guest.fuse_device", "watchdog", str(dev_fd),
                  str(self._shm_fd), str(cmd_r), str(ready_w), str(os.getpid()),
-                 str(connection), mountpoint, str(guard_ns)],
-                pass_fds=(dev_fd, self._shm_fd, cmd_r, ready_w), start_new_session=True,
+                 str(connection), mountpoint, str(guard_ns), str(witness_fd)],
+                pass_fds=(dev_fd, self._shm_fd, cmd_r, ready_w)
+                + ((witness_fd,) if witness_fd >= 0 else ()), start_new_session=True,
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, cwd=root)
         finally:
             os.close(cmd_r)
             os.close(ready_w)
-        self.ready_fd = ready_r  # readable ("R") once it is watching; EOF if it died
+        # Readable ("R") once it is watching; then, if it fires, one byte more: why
+        # (wire.PURGED_*: `fired_why`); EOF once it has exited.
+        self.ready_fd = ready_r
+        self._fired: int | None = None
         self.pidfd = os.pidfd_open(self.proc.pid)
         self.closed = False
 
@@ -426,6 +433,19 @@ class Watchdog:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
+    def fired_why(self) -> int | None:
+        """Why it fired (wire.PURGED_*), once it has said so; None if it has not
+        (yet): it is still watching, or it quit.  Does not block."""
+        if self._fired is None and not self.closed:
+            os.set_blocking(self.ready_fd, False)
+            try:
+                code = os.read(self.ready_fd, 1)
+            except BlockingIOError:
+                code = b""
+            if code:
+                self._fired = code[0]
+        return self._fired
+
     def close(self, quit: bool = True) -> None:
         """Let it go (QUIT: it exits without doing anything), and free our ends."""
         if self.closed:
@@ -451,6 +471,7 @@ def _watchdog_main(argv: list[str]) -> int:
 
     dev_fd, shm_fd, cmd_fd, ready_fd, guest_pid, connection = map(int, argv[:6])
     mountpoint, guard_ns = argv[6], int(argv[7])
+    witness_fd = int(argv[8]) if len(argv) > 8 else -1
     shm = mmap.mmap(shm_fd, 4096)
     deadline = ctypes.c_uint64.from_buffer(shm, 0)
     try:
@@ -463,6 +484,20 @@ def _watchdog_main(argv: list[str]) -> int:
     poller.register(cmd_fd, select.POLLIN)
     if guest is not None:
         poller.register(guest, select.POLLIN)
+    # Its witness connection to the host (guest/witness.py): the host learns at
+    # once when this fires, and may ask it to.
+    link = None
+    if witness_fd >= 0:
+        from guest.witness import WitnessLink
+        from protocol.errors import ProtocolError
+        try:
+            link = WitnessLink(witness_fd)
+            poller.register(link.fileno(), select.POLLIN)
+        except (OSError, ProtocolError, ValueError) as exc:
+            print(f"cleanlease watchdog: no witness connection to the host ({exc}); the host "
+                  f"will wait out this guest's term when it falls silent", file=sys.stderr,
+                  flush=True)
+        os.close(witness_fd)
 
     def drain() -> str | None:
         """Apply every record waiting in the pipe; 'quit', 'fire', 'eof' or None."""
@@ -485,7 +520,7 @@ def _watchdog_main(argv: list[str]) -> int:
                 elif record == WATCHDOG_FIRE:
                     return "fire"
 
-    def fire(reason: str, late_ns: int = 0, death_grace_s: float = 0.0) -> int:
+    def fire(reason: str, code: int, late_ns: int = 0, death_grace_s: float = 0.0) -> int:
         started = time.monotonic_ns()
         # A killed guest's fds close in do_exit before its pidfd says it died:
         # after its end of the pipe closed, give its death a moment to show.
@@ -515,31 +550,48 @@ def _watchdog_main(argv: list[str]) -> int:
                 else:
                     failed += 1
         took = (time.monotonic_ns() - started) / 1e6
+        try:
+            os.write(ready_fd, bytes([code]))  # the guest's Watchdog.fired_why
+        except OSError:
+            pass  # the guest is gone
+        told = link is not None and link.purged(code, purged)
         print(f"cleanlease watchdog: {reason}: connection {connection} aborted ({how}), "
               f"{purged} inodes purged, {gone} not cached, {failed} failed, in {took:.1f} ms"
-              + (f", {late_ns / 1e6:.1f} ms after it was due" if late_ns else ""),
+              + (f", {late_ns / 1e6:.1f} ms after it was due" if late_ns else "")
+              + ("; the host was told" if told else ""),
               file=sys.stderr, flush=True)
         return WATCHDOG_FIRED
 
-    os.write(ready_fd, b"R")
-    os.close(ready_fd)
+    os.write(ready_fd, b"R")  # (kept open: fire says why on it)
     while True:
         due = deadline.value
         now = time.monotonic_ns()
         fire_at = due - guard_ns - len(nodeids) * PURGE_NS_PER_INODE
         if due and now >= fire_at:
-            return fire("the lease term ran out without a renewal", now - fire_at)
+            return fire("the lease term ran out without a renewal", wire.PURGED_TERM_RAN_OUT,
+                        now - fire_at)
         wait_ms = 1000 if not due else min(1000, (fire_at - now) // 1_000_000 + 1)
         for fd, _ in poller.poll(wait_ms):
             if fd == guest:
-                return fire("the guest process died")
+                return fire("the guest process died", wire.PURGED_GUEST_DIED)
+            if link is not None and fd == link.fileno():
+                said = link.read()
+                if said == "purge":
+                    return fire("the host asked (the guest owes an ACK past the ack timeout, "
+                                "or lost its connection)", wire.PURGED_ASKED)
+                if said == "eof":
+                    poller.unregister(fd)
+                    link.close()
+                    link = None
+                continue
             what = drain()
             if what == "quit":
                 return 0
             if what == "fire":
-                return fire("the guest asked")
+                return fire("the guest asked", wire.PURGED_GUEST_ASKED)
             if what == "eof":
-                return fire("the guest closed its end", death_grace_s=0.5)
+                return fire("the guest closed its end", wire.PURGED_GUEST_DIED,
+                            death_grace_s=0.5)
 
 
 if __name__ == "__main__":

@@ -202,6 +202,8 @@ class Connections:
                 continue
             if self.fs.handles_of(session.guest_id) or session.conn.outstanding_requests:
                 continue
+            if session.witness_of and self._witnessed(session) is not None:
+                continue  # a witness speaks only when its guest falls silent
             if self.leases.leasing:
                 if session.lease_expiry() > now:
                     continue

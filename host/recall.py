@@ -8,6 +8,11 @@ keeps the holders whose connection was lost (`departed`): a lost connection
 is not an ACK, since a guest that mounted the export may still serve its
 kernel's pages, so such a holder is waited for until its term has surely run
 out, and only then forgotten.
+
+A holder with a witness (host/witness.py: a mount's watchdog, connected on
+its own) is asked to purge at the ack timeout, or at once when its connection
+was lost, and the wait ends at its report (PURGED) if that comes before the
+end of its term.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from dataclasses import dataclass
 
 from host.leases import LeaseTable, Recall
 from host.session import HostConfig, HostStats, Session
+from protocol import wire
 from protocol.errors import ProtocolError
 from protocol.messages import Invalidate
 
@@ -40,6 +46,7 @@ class Recaller:
 
     def __init__(self, config: HostConfig, stats: HostStats, leases: LeaseTable,
                  sessions: dict[int, Session], forget_guest: Callable[[int], None], *,
+                 ask_witness: Callable[[Session, int], bool] = lambda session, reason: False,
                  clock: Callable[[], float] = time.monotonic):
         self.config = config
         self.clock = clock  # the daemon's (seconds); its timers are the running loop's
@@ -47,6 +54,7 @@ class Recaller:
         self.leases = leases
         self.sessions = sessions
         self.forget_guest = forget_guest  # a guest's term ran out: drop what it held
+        self.ask_witness = ask_witness  # (session, wire.PURGE_*): False if it has no witness
         self.departed: dict[int, Session] = {}  # lost connections whose term runs on
         self._next_seq = 1
         self._running: dict[int, list[_Running]] = {}  # inode -> its data recalls now running
@@ -64,10 +72,16 @@ class Recaller:
             return
         self.departed[session.guest_id] = session
         asyncio.get_running_loop().call_later(remaining, self._term_ran_out, session)
+        self.ask_witness(session, wire.PURGE_DEPARTED)
 
     def _term_ran_out(self, session: Session) -> None:
         if self.departed.pop(session.guest_id, None) is session:
             self.forget_guest(session.guest_id)
+
+    def purged(self, session: Session) -> None:
+        """`session`'s witness reported it purged: if its connection was lost,
+        it holds nothing any more (the waits for it end on `Session.purged`)."""
+        self._term_ran_out(session)
 
     def owes(self, ino: int, guest: int) -> bool:
         """Does `guest` owe the ACK of a data recall of `ino` now running?  Then
@@ -107,6 +121,9 @@ class Recaller:
                                                  running))
                 elif (departed := self.departed.get(guest)) is not None:
                     self.stats.departed_waits += 1
+                    # (Asked again: it may not have been holding anything to purge
+                    # when its connection was lost; a witness fires only once.)
+                    self.ask_witness(departed, wire.PURGE_DEPARTED)
                     waits.append(self._await_term_end(departed))
             await asyncio.gather(*waits)
         finally:
@@ -144,14 +161,23 @@ class Recaller:
         A lost connection is not an ACK: its future is never resolved."""
         # Its term stands still from the moment the invalidation was sent
         # (Session.renews), so this limit cannot move however busy it is.
-        limit = max(self.config.ack_timeout_ms / 1000.0, session.lease_expiry() - self.clock())
+        ack_timeout = self.config.ack_timeout_ms / 1000.0
+        limit = max(ack_timeout, session.lease_expiry() - self.clock())
+        purged = session.purged()
         try:
-            await asyncio.wait_for(asyncio.shield(ack), limit)
-            return
-        except asyncio.TimeoutError:
-            pass
+            if await _first(ack, purged, timeout=ack_timeout) is ack:
+                return
+            if not purged.done() and self.ask_witness(session, wire.PURGE_SILENT):
+                # Its witness purges it now: the wait ends at its PURGED.
+                log.warning("guest %s (%d) did not ACK in %d ms; asked its witness to purge it",
+                            session.name, session.guest_id, self.config.ack_timeout_ms)
+            if not purged.done():
+                if await _first(ack, purged, timeout=limit - ack_timeout) is ack:
+                    return
         finally:
             running.owed.discard(session.guest_id)
+        if purged.done():
+            return  # Witnesses._purged fenced it
         log.warning("guest %s (%d) did not ACK; fenced after its lease term", session.name,
                     session.guest_id)
         session.fenced = True
@@ -159,7 +185,22 @@ class Recaller:
         self.leases.drop_holder(session.guest_id)
 
     async def _await_term_end(self, session: Session) -> None:
-        """A holder whose connection was lost: wait until its term has surely run out."""
+        """A holder whose connection was lost: wait until its term has surely run
+        out, or until its witness reports it purged."""
         remaining = session.lease_expiry() - self.clock()
         if remaining > 0:
-            await asyncio.sleep(remaining)
+            await _first(session.purged(), timeout=remaining)
+
+
+async def _first(*futures: asyncio.Future, timeout: float) -> asyncio.Future | None:
+    """The first of `futures` to be done within `timeout` seconds, or None.
+    None of them is cancelled (asyncio.wait leaves them be)."""
+    for future in futures:
+        if future.done():
+            return future
+    if timeout > 0:
+        await asyncio.wait(futures, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    for future in futures:
+        if future.done():
+            return future
+    return None

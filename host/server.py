@@ -40,6 +40,7 @@ from host.limits import FRAMES_PER_TURN, SMALL_REPLY, FdBudget, PeerGate, Thrott
 from host.ops import HANDLERS
 from host.recall import Recaller
 from host.session import HostConfig, HostStats, Session, printable
+from host.witness import Witnesses
 from protocol.address import parse_address
 from protocol.codec import UnsupportedOpcode
 from protocol.connection import NEED_DATA
@@ -57,6 +58,8 @@ from protocol.messages import (
     HeartbeatReply,
     Hello,
     LeaseGrant,
+    Purged,
+    Witness,
 )
 
 log = logging.getLogger("cleanlease.host")
@@ -94,7 +97,7 @@ class _GuestProtocol(asyncio.Protocol):
             self.session.flow.resume_writing()
 
 
-class HostDaemon(Connections, Coherence):
+class HostDaemon(Connections, Coherence, Witnesses):
     """The daemon's state: the export, the lease table, the sessions."""
 
     def __init__(self, config: HostConfig, detector: HostDetector | None = None, *,
@@ -143,7 +146,7 @@ class HostDaemon(Connections, Coherence):
         self._workers = concurrent.futures.ThreadPoolExecutor(
             max_workers=16, thread_name_prefix="cleanlease-io")
         self.recaller = Recaller(config, self.stats, self.leases, self.sessions, self._forget_guest,
-                                 clock=clock)
+                                 ask_witness=self.ask_witness, clock=clock)
         self.replies = replies.ReplyCache(per_client=config.max_in_flight)
         self._flush_timers: dict[int, asyncio.TimerHandle] = {}
         # Until then no modification lands: leases a predecessor on this export
@@ -286,6 +289,10 @@ class HostDaemon(Connections, Coherence):
             self._hello(session, event)
         elif isinstance(event, Auth):
             self._auth(session, event)
+        elif isinstance(event, Witness):
+            self._witness(session, event)
+        elif isinstance(event, Purged):
+            self._purged(session, event)
 
     def _heartbeat(self, session: Session, heartbeat: Heartbeat) -> None:
         """Renew the guest's term, or say why not: a fenced session learns that it
@@ -316,6 +323,8 @@ class HostDaemon(Connections, Coherence):
         if self.sessions.get(session.guest_id) is not session:
             return
         del self.sessions[session.guest_id]
+        if session.witness_of:
+            self.witness_lost(session)
         self.fs.close_handles_of(session.guest_id)
         self.leases.drop_writer(session.guest_id)
         self.recaller.connection_lost(session)

@@ -121,6 +121,10 @@ class HostStats:
     wrong_token_delays_ms: int = 0  # total delay before refusing wrong tokens
     fd_refusals: int = 0  # EMFILE/ENFILE from the descriptor budget
     unsupported_noreply: int = 0  # unknown opcodes without NEED_REPLY (no reply sent)
+    # host/witness.py: witness connections bound, PURGEs sent, PURGEDs that ended waits
+    witnesses: int = 0
+    purges_asked: int = 0
+    witnessed_purges: int = 0
 
     def as_dict(self) -> dict:
         d = dict(self.__dict__)
@@ -164,6 +168,22 @@ class Session:
         self.flow: FlowControl | None = None  # set by the daemon (host/limits.py)
         self.unsupported_logged = False
         self.draining = False  # frames left for the next turn (HostDaemon._drain)
+        # host/witness.py.  A guest's witness: the connection of a process of its
+        # own (a mount's watchdog) that can purge the guest's kernel caches.
+        self.witness: "Session | None" = None
+        self.witness_of = 0  # this connection is the witness of that guest id
+        self._purged: asyncio.Future | None = None
+
+    def purged(self) -> asyncio.Future:
+        """A future that resolves once this guest's witness has reported that its
+        caches are purged (PURGED): it serves nothing from then on."""
+        if self._purged is None:
+            self._purged = asyncio.get_running_loop().create_future()
+        return self._purged
+
+    @property
+    def is_purged(self) -> bool:
+        return self._purged is not None and self._purged.done()
 
     def send(self, message) -> None:
         """Write `message`; dropped if the connection has failed or is closing (the

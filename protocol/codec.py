@@ -47,6 +47,10 @@ from protocol.messages import (
     Getxattr,
     Heartbeat,
     HeartbeatReply,
+    Purge,
+    Purged,
+    Witness,
+    WitnessReply,
     Hello,
     HelloReply,
     InvalEntry,
@@ -340,6 +344,21 @@ def encode_payload(message: Message) -> tuple[wire.Request, int, bytes]:
             return wire.Request.HEARTBEAT, version | wire.FLAG_REPLY, _build(
                 wire.HeartbeatReplyPayload, {"seq": message.seq, "error": message.error,
                                              "reserved": 0}, "HEARTBEAT reply")
+        case Witness():
+            return wire.Request.WITNESS, version | wire.FLAG_NEED_REPLY, _build(
+                wire.WitnessPayload, {"guest_id": message.guest_id}, "WITNESS")
+        case WitnessReply():
+            if not -_MAX_ERRNO <= message.error <= 0:
+                raise LocalProtocolError(f"WitnessReply.error {message.error} is not 0 or -errno")
+            return wire.Request.WITNESS, version | wire.FLAG_REPLY, _build(
+                wire.WitnessReplyPayload, {"error": message.error}, "WITNESS reply")
+        case Purge():
+            return wire.Request.PURGE, version, _build(
+                wire.PurgePayload, {"reason": message.reason}, "PURGE")
+        case Purged():
+            return wire.Request.PURGED, version, _build(
+                wire.PurgedPayload, {"reason": message.reason, "inodes": message.inodes},
+                "PURGED")
     raise LocalProtocolError(f"cannot encode {type(message).__name__}")
 
 
@@ -535,6 +554,22 @@ def decode_payload(request: int, flags: int, payload: bytes,
                 raise RemoteProtocolError(f"malformed HEARTBEAT reply: error {c.error} is not 0 or -errno")
             return HeartbeatReply(c.seq, c.error)
         return Heartbeat(_parse(wire.HeartbeatPayload, payload, "HEARTBEAT").seq)
+
+    if code == wire.Request.WITNESS:
+        if is_reply:
+            c = _parse(wire.WitnessReplyPayload, payload, "WITNESS reply")
+            if not -_MAX_ERRNO <= c.error <= 0:
+                raise RemoteProtocolError(f"malformed WITNESS reply: error {c.error} is not 0 or -errno")
+            return WitnessReply(c.error)
+        return Witness(_parse(wire.WitnessPayload, payload, "WITNESS").guest_id)
+    if code in (wire.Request.PURGE, wire.Request.PURGED):
+        if is_reply or flags & wire.FLAG_NEED_REPLY:
+            raise RemoteProtocolError(f"frame header: {code.name} is a one-way message "
+                                      f"(flags {flags:#x}, expected 0x1)")
+        if code == wire.Request.PURGE:
+            return Purge(_parse(wire.PurgePayload, payload, "PURGE").reason)
+        c = _parse(wire.PurgedPayload, payload, "PURGED")
+        return Purged(c.reason, c.inodes)
     raise RemoteProtocolError(f"frame header: unhandled request code {request}")  # pragma: no cover
 
 

@@ -45,6 +45,10 @@ from protocol.messages import (
     HelloReply,
     InvalEntry,
     Invalidate,
+    Purge,
+    Purged,
+    Witness,
+    WitnessReply,
     Message,
 )
 
@@ -62,6 +66,7 @@ class State(enum.Enum):
     AUTH_SENT = "auth-sent"  # guest: waiting for the AUTH reply
     AUTH_RECEIVED = "auth-received"  # host: must answer the AUTH
     READY = "ready"
+    WITNESS = "witness"  # a witness connection (WITNESS sent/received): PURGE, PURGED
     CLOSED = "closed"  # orderly end (EOF, or a HELLO refused)
     ERROR = "error"  # a protocol error; only closing is left
 
@@ -105,6 +110,16 @@ TRANSITIONS: dict[tuple[Role, State, str, type], State] = {
     (Role.HOST, State.READY, RECV, Ack): State.READY,
     (Role.HOST, State.READY, RECV, Heartbeat): State.READY,
     (Role.HOST, State.READY, SEND, HeartbeatReply): State.READY,
+    # A witness connection (docs/protocol.md, 8a): its first request after the
+    # handshake is WITNESS, and from then on it carries PURGE and PURGED only.
+    (Role.GUEST, State.READY, SEND, Witness): State.WITNESS,
+    (Role.GUEST, State.WITNESS, RECV, WitnessReply): State.WITNESS,
+    (Role.GUEST, State.WITNESS, RECV, Purge): State.WITNESS,
+    (Role.GUEST, State.WITNESS, SEND, Purged): State.WITNESS,
+    (Role.HOST, State.READY, RECV, Witness): State.WITNESS,
+    (Role.HOST, State.WITNESS, SEND, WitnessReply): State.WITNESS,
+    (Role.HOST, State.WITNESS, SEND, Purge): State.WITNESS,
+    (Role.HOST, State.WITNESS, RECV, Purged): State.WITNESS,
 }
 
 # TRANSITIONS regrouped by (role, state), so that a message's move is found by
@@ -162,6 +177,7 @@ class Connection:
         self._pending_fs: dict[int, int] = {}  # unique -> opcode
         self._pending_notify: dict[int, wire.Request] = {}
         self._pending_heartbeats: set[int] = set()
+        self._witness_unanswered = False  # a WITNESS awaits its reply
         self._offered_max_frame = wire.ABSOLUTE_MAX_FRAME  # what the HELLO offered
         self._eof = False
 
@@ -258,6 +274,12 @@ class Connection:
                 self._pending_heartbeats.add(message.seq)
             case HeartbeatReply():
                 pass
+            case Witness():
+                self._witness_unanswered = True
+            case WitnessReply():
+                if not self._witness_unanswered:
+                    raise LocalProtocolError("WITNESS reply to no WITNESS")
+                self._witness_unanswered = False
             case Hello():
                 self._offered_max_frame = message.max_frame
             case HelloReply():
@@ -400,6 +422,12 @@ class Connection:
                 if message.seq not in self._pending_heartbeats:
                     self._fail(RemoteProtocolError(f"heartbeat reply {message.seq} answers nothing"))
                 self._pending_heartbeats.discard(message.seq)
+            case Witness():
+                self._witness_unanswered = True
+            case WitnessReply():
+                if not self._witness_unanswered:
+                    self._fail(RemoteProtocolError("WITNESS reply to no WITNESS"))
+                self._witness_unanswered = False
             case Hello():
                 self._offered_max_frame = message.max_frame
             case HelloReply():
@@ -429,7 +457,7 @@ class Connection:
 
     def _advance(self, direction: str, message: Message) -> None:
         nxt = self._moves[(direction, type(message))]
-        if type(message) is HelloReply or type(message) is AuthReply:
+        if type(message) is HelloReply or type(message) is AuthReply or type(message) is WitnessReply:
             if message.error != 0:
                 nxt = State.CLOSED
             elif type(message) is HelloReply and message.features & wire.FEATURE_AUTH:

@@ -715,6 +715,43 @@ class HeartbeatReply:
     error: int = 0
 
 
+# --- a witness connection (docs/protocol.md, section 8a) --------------------
+
+
+@dataclass(frozen=True)
+class Witness:
+    """Witness -> host, the first request on a connection of its own: this
+    connection is the witness of session `guest_id`, whose HELLO carried the
+    same client_id.  The reply is a WitnessReply."""
+
+    guest_id: int
+
+
+@dataclass(frozen=True)
+class WitnessReply:
+    """Host -> witness: `error` 0 (bound), or a negative errno (then the host closes)."""
+
+    error: int = 0
+
+
+@dataclass(frozen=True)
+class Purge:
+    """Host -> witness, no reply: the guest it witnesses is silent (`reason`,
+    wire.PURGE_*): abort its mount and purge every inode now, then say PURGED."""
+
+    reason: int
+
+
+@dataclass(frozen=True)
+class Purged:
+    """Witness -> host, no reply: the witnessed mount's connection is aborted and
+    `inodes` inodes were purged (`reason`, wire.PURGED_*); nothing of that guest
+    is cached any more, so every wait for it is over."""
+
+    reason: int
+    inodes: int = 0
+
+
 @dataclass(frozen=True)
 class ConnectionClosed:
     """The peer closed the byte stream cleanly between frames."""
@@ -722,5 +759,5 @@ class ConnectionClosed:
 
 Message = (
     Hello | HelloReply | Auth | AuthReply | FsRequest | FsReply | Invalidate | InvalEntry | Ack | Heartbeat
-    | HeartbeatReply
+    | HeartbeatReply | Witness | WitnessReply | Purge | Purged
 )

@@ -52,7 +52,12 @@ FEATURE_AUTH = 1 << 2
 # modification, even while the inode is DIRTY.  Negotiated like the others,
 # but not in a plain guest's offer.
 FEATURE_CACHES_UNLEASED = 1 << 3
-NEGOTIABLE_FEATURES = SUPPORTED_FEATURES | FEATURE_CACHES_UNLEASED
+# A guest that has a witness (a mount's watchdog, a process of its own that can
+# purge the guest's kernel caches whatever the guest process does) opens a second
+# connection for it (WITNESS); the host may then end a wait for a silent holder as
+# soon as its witness reports the purge (PURGED), instead of at the end of its term.
+FEATURE_WITNESS = 1 << 4
+NEGOTIABLE_FEATURES = SUPPORTED_FEATURES | FEATURE_CACHES_UNLEASED | FEATURE_WITNESS
 
 CLIENT_ID_SIZE = 16  # a guest's identity across its sessions (HELLO)
 NONCE_SIZE = 16  # random bytes each side contributes to an AUTH exchange
@@ -68,6 +73,9 @@ class Request(enum.IntEnum):
     INVAL_ENTRY = 4
     HEARTBEAT = 5
     AUTH = 6
+    WITNESS = 7
+    PURGE = 8
+    PURGED = 9
 
 
 FrameHeader = Struct("request" / Int32ul, "flags" / Int32ul, "size" / Int32ul)
@@ -121,3 +129,20 @@ HeartbeatPayload = Struct("seq" / Int64ul, Terminated)
 # or -EKEYEXPIRED (this session was fenced: drop every cache, say HELLO again).
 HeartbeatReplyPayload = Struct("seq" / Int64ul, "error" / Int32sl, "reserved" / Int32ul,
                                Terminated)
+
+# A witness connection (docs/protocol.md, section 8a).  Witness -> host: bind this
+# connection to the session `guest_id` (which must have the same client_id).
+WitnessPayload = Struct("guest_id" / Int32ul, Terminated)
+# Host -> witness: 0, or a negative errno (then the host closes).
+WitnessReplyPayload = Struct("error" / Int32sl, Terminated)
+# Host -> witness, no reply: the witnessed guest is silent; purge its mount now.
+PurgePayload = Struct("reason" / Int32ul, Terminated)
+# Witness -> host, no reply: the witnessed mount's connection is aborted and every
+# inode it had cached is purged; the guest serves nothing from now on.
+PurgedPayload = Struct("reason" / Int32ul, "inodes" / Int32ul, Terminated)
+PURGE_SILENT = 1  # it owes an ACK past the ack timeout
+PURGE_DEPARTED = 2  # its connection was lost while it held leases
+PURGED_ASKED = 1  # the host asked (PURGE)
+PURGED_GUEST_DIED = 2
+PURGED_TERM_RAN_OUT = 3
+PURGED_GUEST_ASKED = 4  # the guest process asked (it lost its connection, or stops)

@@ -30,7 +30,11 @@ from protocol.messages import (
     Invalidate,
     Lookup,
     Open,
+    Purge,
+    Purged,
     Read,
+    Witness,
+    WitnessReply,
 )
 
 ROOT = 1
@@ -156,3 +160,59 @@ class RawGuest(asyncio.Protocol):
 
     def close(self) -> None:
         self.transport.abort()
+
+
+class RawWitness(asyncio.Protocol):
+    """The witness of a RawGuest (host/witness.py), driven by the test: it hears
+    the host's PURGE requests (`next_purge`) and reports a purge when told
+    (`purged`)."""
+
+    def __init__(self):
+        self.conn = Connection(Role.GUEST)
+        self.transport: asyncio.Transport | None = None
+        self._reply: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.purges: asyncio.Queue = asyncio.Queue()
+        self.lost = asyncio.get_running_loop().create_future()
+
+    @classmethod
+    async def of(cls, address: str, guest: RawGuest) -> "RawWitness":
+        """Connect with `guest`'s client_id and bind as its witness."""
+        loop = asyncio.get_running_loop()
+        self = cls()
+        await loop.create_unix_connection(lambda: self, parse_address(address).path)
+        self.transport.write(self.conn.send(Hello(wire.PROTOCOL_VERSION, wire.FEATURE_WITNESS,
+                                                  wire.DEFAULT_MAX_FRAME, f"{guest.name}/witness",
+                                                  guest.client_id)))
+        hello = await asyncio.wait_for(self._reply, 10)
+        assert hello.error == 0, hello
+        self._reply = loop.create_future()
+        self.transport.write(self.conn.send(Witness(guest.hello.guest_id)))
+        bound = await asyncio.wait_for(self._reply, 10)
+        assert bound.error == 0, bound
+        return self
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def data_received(self, data):
+        self.conn.receive_data(data)
+        while (event := self.conn.next_event()) is not NEED_DATA:
+            match event:
+                case HelloReply() | WitnessReply():
+                    self._reply.set_result(event)
+                case Purge():
+                    self.purges.put_nowait(event)
+                case ConnectionClosed():
+                    self.transport.close()
+
+    def connection_lost(self, exc):
+        if not self._reply.done():
+            self._reply.set_exception(ConnectionError(f"witness connection lost: {exc}"))
+        if not self.lost.done():
+            self.lost.set_result(exc)
+
+    async def next_purge(self, timeout: float = 20.0) -> Purge:
+        return await asyncio.wait_for(self.purges.get(), timeout)
+
+    def purged(self, reason: int = wire.PURGED_ASKED, inodes: int = 1) -> None:
+        self.transport.write(self.conn.send(Purged(reason, inodes)))

@@ -32,6 +32,10 @@ from protocol.connection import NEED_DATA, TRANSITIONS, Connection, Role, State
 from protocol.errors import LocalProtocolError, RemoteProtocolError
 from protocol.fuse import Opcode
 from protocol.messages import (
+    Purge,
+    Purged,
+    Witness,
+    WitnessReply,
     Ack,
     Attr,
     AttrOut,
@@ -464,7 +468,7 @@ def test_frame_of_exactly_max_frame_is_buffered():
 
 @pytest.mark.parametrize("raw,match", [
     (frame(0, 0x9, b""), "unknown request code"),
-    (frame(7, 0x9, bytes(8)), "unknown request code"),
+    (frame(10, 0x9, bytes(8)), "unknown request code"),
     (frame(5, 0x19, bytes(8)), "unknown flag bits"),
     (frame(5, 0x80000009, bytes(8)), "unknown flag bits"),
     (frame(5, 0xA, bytes(8)), "version"),
@@ -827,3 +831,36 @@ def test_fuzz_random_bytes(role, start, raw, eof):
        payload=st.binary(max_size=200), eof=st.booleans())
 def test_fuzz_random_payloads_behind_valid_headers(role, code, flags, payload, eof):
     consume(ready(role), frame(code, flags, payload), eof)
+
+
+def test_a_witness_connection_carries_purge_and_purged_only():
+    """TRANSITIONS: WITNESS moves both ends to WITNESS, where only the reply,
+    PURGE (host -> witness) and PURGED (witness -> host) are in turn."""
+    guest, host = pair()
+    assert isinstance(deliver(guest, host, Witness(3)), Witness)
+    assert guest.state is host.state is State.WITNESS
+    assert deliver(host, guest, WitnessReply(0)) == WitnessReply(0)
+    with pytest.raises(LocalProtocolError, match="WITNESS reply to no WITNESS"):
+        host.send(WitnessReply(0))
+    assert deliver(host, guest, Purge(wire.PURGE_SILENT)) == Purge(wire.PURGE_SILENT)
+    assert deliver(guest, host, Purged(wire.PURGED_ASKED, 2)) == Purged(wire.PURGED_ASKED, 2)
+    with pytest.raises(LocalProtocolError, match="cannot send FsRequest in state witness"):
+        guest.send(FsRequest(1, 1, Getattr()))
+    with pytest.raises(LocalProtocolError, match="cannot send Heartbeat"):
+        guest.send(Heartbeat(1))
+
+
+def test_purge_and_purged_are_out_of_turn_on_a_guest_session():
+    guest, host = pair()
+    with pytest.raises(LocalProtocolError, match="cannot send Purge in state ready"):
+        host.send(Purge(wire.PURGE_SILENT))
+    host.receive_data(bytes.fromhex("09000000 01000000 08000000 01000000 00000000"))
+    with pytest.raises(RemoteProtocolError, match="cannot recv Purged in state ready"):
+        host.next_event()
+
+
+def test_a_refused_witness_closes_the_connection():
+    guest, host = pair()
+    deliver(guest, host, Witness(3))
+    deliver(host, guest, WitnessReply(-13))
+    assert guest.state is host.state is State.CLOSED

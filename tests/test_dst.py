@@ -114,6 +114,22 @@ def test_a_thousand_seeds_of_the_real_code_find_nothing():
                                      f"--steps {STEPS})" for s, v, _ in failures)
 
 
+def test_every_mutant_still_applies_to_the_code():
+    """A refactor that moves the lines a mutant removes would leave `make mutants`
+    reporting "patch does not apply" (two did, after host/server.py was split)."""
+    import shutil
+
+    from workload.dst import mutants
+
+    if shutil.which("patch") is None:
+        pytest.skip("no patch(1) here")
+    for name in mutants.mutant_names():
+        done = subprocess.run(["patch", "--dry-run", "-s", "-p1", "-d", mutants.ROOT, "-i",
+                               os.path.join(mutants.MUTANTS, f"{name}.patch")],
+                              capture_output=True, text=True)
+        assert done.returncode == 0, f"mutant {name} no longer applies: {done.stdout}{done.stderr}"
+
+
 def test_the_simulator_catches_a_grant_during_a_recall():
     """A mutant (tests/mutants/) must make some early seed fail; make mutants runs them all."""
     result = hunt("grant-during-recall", max_seeds=200, steps=STEPS, jobs=1)

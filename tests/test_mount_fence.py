@@ -149,9 +149,11 @@ def test_a_stopped_guest_leaves_no_old_bytes_once_its_term_has_run_out(
     finally:
         b.child.proc.send_signal(signal.SIGCONT)
     # b learns it was fenced (or finds its connection gone) and unmounts.
-    assert b.child.proc.wait(WAIT) == 1  # its term ran out: not a clean unmount
+    status = b.child.proc.wait(WAIT)
+    assert status == 1, b.child.stderr()  # fenced: not a clean unmount
     _assert_no_old_bytes(later.ask("map"), "a mapping made before the stop, after SIGCONT")
-    assert "cleanlease watchdog: the lease term ran out" in b.child.stderr()
+    # Its witness purged it when the host asked, at the ack timeout (host/witness.py).
+    assert "cleanlease watchdog: the host asked" in b.child.stderr()
 
 
 @pytest.mark.parametrize("via", ["host-local", "other guest"])
@@ -162,8 +164,10 @@ def test_a_killed_guest_leaves_no_old_bytes_once_its_term_has_run_out(
                                              apps, via)
     b.child.proc.kill()
     b.child.proc.wait(WAIT)
-    waited = write()  # a lost connection is not an ACK: the host waits out b's term
-    assert waited >= ACK_TIMEOUT_MS / 1000.0 or via == "host-local", waited
+    # A lost connection is not an ACK: the host waits until b's watchdog, its
+    # witness, reports the purge (at once: it saw b die), or else out b's term.
+    write()
+    assert "the host was told" in b.child.stderr()
     _assert_no_old_bytes(mapper.ask("map"), "the mapping")
     _assert_no_old_bytes(reader.ask("pread"), "pread")
     _assert_no_old_bytes(later.ask("pread", 4096, 4096), "pread of the second page")

@@ -18,6 +18,10 @@ from protocol import codec, fuse, wire
 from protocol.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from protocol.fuse import Opcode
 from protocol.messages import (
+    Purge,
+    Purged,
+    Witness,
+    WitnessReply,
     LEASE_FIRST_DIRTY,
     LEASE_GRANTED,
     NO_LEASE,
@@ -346,7 +350,8 @@ def test_golden_frame_header_constants():
     assert wire.MIN_MAX_FRAME == 8192
     assert (wire.FLAG_VERSION_MASK, wire.FLAG_REPLY, wire.FLAG_NEED_REPLY) == (3, 4, 8)
     assert (wire.FEATURE_LEASES, wire.FEATURE_HEARTBEAT, wire.FEATURE_AUTH) == (1, 2, 4)
-    assert [int(r) for r in wire.Request] == [1, 2, 3, 4, 5, 6]
+    assert [int(r) for r in wire.Request] == [1, 2, 3, 4, 5, 6, 7, 8, 9]
+    assert (wire.FEATURE_CACHES_UNLEASED, wire.FEATURE_WITNESS) == (8, 16)
     assert (wire.NONCE_SIZE, wire.PROOF_SIZE) == (16, 32)
     assert (LEASE_GRANTED, LEASE_FIRST_DIRTY) == (1, 2)
     assert (int(fuse.NotifyCode.INVAL_INODE), int(fuse.NotifyCode.INVAL_ENTRY)) == (2, 3)
@@ -562,6 +567,29 @@ def test_golden_acks_and_heartbeats():
         "05000000 05000000 10000000 0b00000000000000 81ffffff 00000000")
 
 
+def test_golden_witness_frames():
+    """docs/protocol.md, section 8a, byte by byte."""
+    assert encode(Witness(7)) == h("07000000 09000000 04000000 07000000")
+    assert encode(WitnessReply(0)) == h("07000000 05000000 04000000 00000000")
+    assert encode(WitnessReply(-errno.EACCES)) == h("07000000 05000000 04000000 f3ffffff")
+    assert encode(Purge(wire.PURGE_SILENT)) == h("08000000 01000000 04000000 01000000")
+    assert encode(Purged(wire.PURGED_ASKED, 5)) == h("09000000 01000000 08000000 01000000"
+                                                     "05000000")
+    for message in (Witness(7), WitnessReply(-errno.EEXIST), Purge(2), Purged(3, 0)):
+        assert decode_raw(encode(message)) == message
+
+
+@pytest.mark.parametrize("raw,match", [
+    (h("08000000 09000000 04000000 01000000"), "one-way"),  # PURGE asking for a reply
+    (h("09000000 05000000 08000000 01000000 05000000"), "one-way"),  # PURGED as a reply
+    (h("09000000 01000000 04000000 01000000"), "PURGED"),  # too short
+    (h("07000000 09000000 05000000 07000000 00"), "WITNESS"),  # trailing byte
+])
+def test_malformed_witness_frames(raw, match):
+    with pytest.raises(RemoteProtocolError, match=match):
+        decode_raw(raw)
+
+
 def test_golden_entry_out_layout():
     attr = Attr(ino=1, size=2, blocks=3, atime=4, mtime=5, ctime=6, atimensec=7, mtimensec=8,
                 ctimensec=9, mode=10, nlink=11, uid=12, gid=13, rdev=14, blksize=15, flags=16)
@@ -654,7 +682,7 @@ def test_reply_and_need_reply_both_set():
         decode_raw(frame(5, 0x1 | 0x4 | 0x8, HB))
 
 
-@pytest.mark.parametrize("code", [0, 7, 8, 0xFFFF, 0xFFFF_FFFF])
+@pytest.mark.parametrize("code", [0, 10, 11, 0xFFFF, 0xFFFF_FFFF])
 def test_unknown_request_code(code):
     with pytest.raises(RemoteProtocolError, match="unknown request code"):
         decode_raw(frame(code, 0x9, HB))

@@ -18,6 +18,7 @@ from guest.mount.caller import caller_of
 from guest.mount.coherence import Coherence
 from guest.mount.dispatch import FORWARDED, LOCAL
 from guest.mount.size import KernelSize
+from guest.witness import write_config
 from guest.mount.state import (
     MAX_PAGES_LIMIT,
     NOTIFIER_THREADS,
@@ -30,10 +31,21 @@ from guest.mount.state import (
     _Inode,
     _Reply,
 )
+from protocol import wire
 from protocol.fuse import Opcode
 from protocol.messages import Policy
 
 log = logging.getLogger("cleanlease.mount")
+
+
+# What the mount says when its watchdog fired (by its wire.PURGED_* code).
+WATCHDOG_REASONS = {
+    wire.PURGED_TERM_RAN_OUT: "the lease term ran out: the watchdog aborted and purged the mount",
+    wire.PURGED_ASKED: "the host fenced it (an ACK owed past the ack timeout): the watchdog "
+                       "aborted and purged the mount",
+    wire.PURGED_GUEST_DIED: "the watchdog aborted and purged the mount",
+    wire.PURGED_GUEST_ASKED: "the watchdog aborted and purged the mount, as asked",
+}
 
 
 class GuestMount(Coherence, KernelSize):
@@ -89,7 +101,7 @@ class GuestMount(Coherence, KernelSize):
         self._term_started = False
         self._stopping = False
         self._asked_fire = False
-        self.term_ran_out = False  # the watchdog fired on its own: the mount is void
+        self.watchdog_fired = ""  # why the watchdog fired, if not because we asked: void
         client.on_invalidate = self._on_invalidate
         self._session_watch = asyncio.ensure_future(self._watch_session(client.session))
 
@@ -117,7 +129,17 @@ class GuestMount(Coherence, KernelSize):
             raise OSError(errno.ENODEV, f"{self.mountpoint}: no FUSE connection number")
         term = self.cache.lease_term_s
         guard_ns = int(min(WATCHDOG_GUARD_S, WATCHDOG_GUARD_SHARE * term) * 1e9)
-        self.watchdog = Watchdog(self.dev.fd, self.connection, self.mountpoint, guard_ns)
+        witness_fd = -1
+        client = self.client
+        if client.hello is not None and client.hello.features & wire.FEATURE_WITNESS:
+            witness_fd = write_config(client.address, client.token, client.client_id,
+                                      client.hello.guest_id, client.name)
+        try:
+            self.watchdog = Watchdog(self.dev.fd, self.connection, self.mountpoint, guard_ns,
+                                     witness_fd)
+        finally:
+            if witness_fd >= 0:
+                os.close(witness_fd)
         ready = self.loop.create_future()
 
         def readable():
@@ -158,8 +180,8 @@ class GuestMount(Coherence, KernelSize):
         status = self.watchdog.proc.wait()
         if not self._stopping:
             if status == WATCHDOG_FIRED:
-                self.request_stop("the lease term ran out: the watchdog aborted and purged "
-                                  "the mount")
+                why = self.watchdog.fired_why()
+                self.request_stop(WATCHDOG_REASONS.get(why, "the watchdog fired"))
             else:
                 log.error("the watchdog of %s exited (%s): stopping the mount", self.mountpoint,
                           status)
@@ -239,9 +261,11 @@ class GuestMount(Coherence, KernelSize):
             self._watchdog_task.cancel()
             await asyncio.gather(self._watchdog_task, return_exceptions=True)
         if self.watchdog is not None:
+            self.watchdog.fired_why()  # (read before close)
             self.watchdog.close(quit=True)
-            if self.watchdog.proc.poll() == WATCHDOG_FIRED and not self._asked_fire:
-                self.term_ran_out = True
+            why = self.watchdog.fired_why()
+            if why is not None and why != wire.PURGED_GUEST_ASKED:
+                self.watchdog_fired = WATCHDOG_REASONS.get(why, "the watchdog fired")
         self.dev.close()
         if self._stats_task is not None:
             self._stats_task.cancel()

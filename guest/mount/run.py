@@ -54,8 +54,8 @@ async def run_mount(address: str, mountpoint: str, *, name: str = "mount",
     reason = mount.stop_reason
     await mount.stop()
     await client.close()
-    if mount.term_ran_out:  # (it may have looked like the kernel ending the connection)
-        reason = "the lease term ran out: the watchdog aborted and purged the mount"
+    if mount.watchdog_fired:  # (it may have looked like the kernel ending the connection)
+        reason = mount.watchdog_fired
     print(f"cleanlease guest: unmounted {mount.mountpoint}: {reason}", file=sys.stderr, flush=True)
     return 0 if reason.startswith(("signal", "the kernel")) else 1
 

@@ -38,7 +38,8 @@ class MountClient(GuestClient):
     modification of an inode it read without a lease.
     """
 
-    extra_features = wire.FEATURE_CACHES_UNLEASED
+    # A mount's watchdog witnesses it (guest/witness.py).
+    extra_features = wire.FEATURE_CACHES_UNLEASED | wire.FEATURE_WITNESS
 
 
 @dataclass
