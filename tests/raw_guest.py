@@ -88,17 +88,20 @@ class RawGuest(asyncio.Protocol):
     def data_received(self, data):
         self.conn.receive_data(data)
         while (event := self.conn.next_event()) is not NEED_DATA:
-            match event:
-                case HelloReply():
-                    self._replies.pop(-1).set_result(event)
-                case FsReply():  # kept: `reply` may be asked for it later, or twice
-                    self._replies[event.unique].set_result(event)
-                case HeartbeatReply():
-                    self._heartbeats.pop(event.seq).set_result(event)
-                case Invalidate() | InvalEntry():
-                    self.invalidations.put_nowait(event)
-                case ConnectionClosed():
-                    self.transport.close()
+            self._on(event)
+
+    def _on(self, event) -> None:
+        match event:
+            case HelloReply():
+                self._replies.pop(-1).set_result(event)
+            case FsReply():  # kept: `reply` may be asked for it later, or twice
+                self._replies[event.unique].set_result(event)
+            case HeartbeatReply():
+                self._heartbeats.pop(event.seq).set_result(event)
+            case Invalidate() | InvalEntry():
+                self.invalidations.put_nowait(event)
+            case ConnectionClosed():
+                self.transport.close()
 
     def connection_lost(self, exc):
         if not self.lost.done():
@@ -191,19 +194,17 @@ class RawWitness(asyncio.Protocol):
         assert bound.error == 0, bound
         return self
 
-    def connection_made(self, transport):
-        self.transport = transport
+    connection_made = RawGuest.connection_made
+    data_received = RawGuest.data_received
 
-    def data_received(self, data):
-        self.conn.receive_data(data)
-        while (event := self.conn.next_event()) is not NEED_DATA:
-            match event:
-                case HelloReply() | WitnessReply():
-                    self._reply.set_result(event)
-                case Purge():
-                    self.purges.put_nowait(event)
-                case ConnectionClosed():
-                    self.transport.close()
+    def _on(self, event) -> None:
+        match event:
+            case HelloReply() | WitnessReply():
+                self._reply.set_result(event)
+            case Purge():
+                self.purges.put_nowait(event)
+            case ConnectionClosed():
+                self.transport.close()
 
     def connection_lost(self, exc):
         if not self._reply.done():
