@@ -957,5 +957,7 @@ def test_docs_protocol_md_examples_are_exact():
         ack(3, wire.Request.INVALIDATE) + ack(4, wire.Request.INVAL_ENTRY),
         encode(Heartbeat(11)) + encode(HeartbeatReply(11))
         + encode(HeartbeatReply(11, -errno.EKEYEXPIRED)),
+        encode(Witness(7)) + encode(WitnessReply(0)) + encode(WitnessReply(-errno.EACCES))
+        + encode(Purge(wire.PURGE_SILENT)) + encode(Purged(wire.PURGED_ASKED, 5)),
     ]
     assert _doc_frames() == expected
