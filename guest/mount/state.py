@@ -46,7 +46,9 @@ class MountClient(GuestClient):
 class MountStats:
     """Counters of one mounted guest (written as JSON to --stats)."""
 
-    requests: int = 0
+    requests: int = 0  # kernel requests read from /dev/fuse
+    host_requests: int = 0  # FS requests sent to the host (FORGETs apart)
+    by_opcode: dict[str, int] = field(default_factory=dict)  # kernel requests per opcode
     read_requests: int = 0  # READs received (counted on arrival; kernel_reads once answered)
     kernel_reads: int = 0  # READ requests: every one is a kernel page-cache miss or a direct read
     kernel_read_bytes: int = 0
