@@ -77,7 +77,7 @@ async def create_file(m: GuestMount, h, body) -> bytes:
     m._size_fetched(entry.nodeid, entry.attr)
     await m._own_modification(entry.nodeid, reply.lease)
     flags = m._open_flags(True, False)
-    return m._entry_bytes(h.nodeid, entry, False) + m._opened(opened.fh, flags)
+    return m._entry_bytes(h.nodeid, arg.name, entry, False) + m._opened(opened.fh, flags)
 
 
 async def flush(m: GuestMount, h, body) -> bytes:
