@@ -5,14 +5,14 @@ the lease rules for what the kernel may keep (R3, R4)."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import errno
 import logging
 import os
+import stat
 import time
 
 from guest.mount.state import NotificationFailed, _Inode
-from protocol import fuse
+from protocol import fusefast
 from protocol.fuse import FOPEN_DIRECT_IO, FOPEN_KEEP_CACHE
 from protocol.messages import InvalEntry, Invalidate, LeaseGrant, Policy
 
@@ -233,7 +233,8 @@ class Coherence:
         """True if the reply's content may stay cached in the kernel."""
         return self.leases and self.cache.accept_grant(lease) and self.cache.may_serve_data(lease.ino)
 
-    def _valid_for(self, granted: bool, sec: int, nsec: int) -> tuple[int, int]:
+    def _valid_for(self, granted: bool, sec: int, nsec: int, *, term_capped: bool = False
+                   ) -> tuple[int, int]:
         """Kernel timeout for attributes/entries under the policy.
 
         Without leases: the host's.  Under a lease policy: 0 without an
@@ -244,12 +245,22 @@ class Coherence:
         the kernel's copy before the change lands (R2); or by the term running
         out, before which the watchdog aborts the connection and drops the
         attributes of every node id it was told of.  So the caller announces
-        the node id to the watchdog (`_kept`) before the reply goes out."""
+        the node id to the watchdog (`_kept`) before the reply goes out.
+
+        `term_capped`: the term's remaining time at most, as before (a
+        directory's attributes: no detector reports a host-local chmod or
+        utime of a directory, so no recall would come)."""
         if not self.leases:
             return sec, nsec
-        if not granted or self.cache.renewed_until <= self.cache.clock():
+        if not granted:
             return 0, 0
-        return sec, nsec
+        remaining = self.cache.renewed_until - self.cache.clock()
+        if remaining <= 0:
+            return 0, 0
+        if not term_capped or remaining >= sec + nsec / 1e9:
+            return sec, nsec
+        whole = int(remaining)
+        return whole, int((remaining - whole) * 1e9)
 
     def _kept(self, nodeid: int, *valid: tuple[int, int]) -> None:
         """A reply lets the kernel keep something of `nodeid` for a while: under a
@@ -280,25 +291,23 @@ class Coherence:
                 self._names.setdefault(parent, set()).add(bytes(name))
         else:
             entry_valid = (entry.entry_valid, entry.entry_valid_nsec)
-        attr_valid = self._valid_for(attr_granted, entry.attr_valid, entry.attr_valid_nsec)
+        attr_valid = self._valid_for(attr_granted, entry.attr_valid, entry.attr_valid_nsec,
+                                     term_capped=stat.S_ISDIR(entry.attr.mode))
         # The name is the parent's to keep: a path walk through it checks the
         # parent's attributes first (default_permissions), and those are the
         # parent's own reply's (announced there, or invalid: then it asks).
         self._kept(entry.nodeid, attr_valid)
         self._size_sent(entry.nodeid, entry.attr)
         self._lookups[entry.nodeid] = self._lookups.get(entry.nodeid, 0) + 1
-        return fuse.EntryOut.build({
-            "nodeid": entry.nodeid, "generation": entry.generation,
-            "entry_valid": entry_valid[0], "attr_valid": attr_valid[0],
-            "entry_valid_nsec": entry_valid[1], "attr_valid_nsec": attr_valid[1],
-            "attr": dataclasses.asdict(entry.attr)})
+        return fusefast.entry_out(entry.nodeid, entry.generation, entry_valid[0], attr_valid[0],
+                                  entry_valid[1], attr_valid[1], entry.attr)
 
     def _attr_bytes(self, nodeid: int, out, granted: bool) -> bytes:
-        valid = self._valid_for(granted, out.attr_valid, out.attr_valid_nsec)
+        valid = self._valid_for(granted, out.attr_valid, out.attr_valid_nsec,
+                                term_capped=stat.S_ISDIR(out.attr.mode))
         self._kept(nodeid, valid)
         self._size_sent(nodeid, out.attr)
-        return fuse.AttrOut.build({"attr_valid": valid[0], "attr_valid_nsec": valid[1],
-                                   "attr": dataclasses.asdict(out.attr)})
+        return fusefast.attr_out(valid[0], valid[1], out.attr)
 
     def _open_flags(self, writing: bool, granted: bool) -> int:
         match self.policy:
@@ -315,6 +324,6 @@ class Coherence:
             self.stats.opens_cached += 1
         else:
             self.stats.opens_direct += 1
-        return fuse.OpenOut.build({"fh": fh, "open_flags": flags, "backing_id": 0})
+        return fusefast.open_out(fh, flags)
 
 
