@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 import time
 
 import pytest
 
 from guest.fuse_device import unavailable_reason
+from tests.conftest import Child
 from tests.test_mount import mount_guest  # noqa: F401  (a fixture)
 
 _why = unavailable_reason()
@@ -97,28 +97,47 @@ def test_changes_from_another_mount_are_seen_at_once_after_the_term(
     assert a.stats()["notify_errors"] == 0
 
 
-_STAT = "import os, sys\ntry:\n    print(oct(os.stat(sys.argv[1]).st_mode & 0o777))\n" \
-        "except OSError as exc:\n    print('ERR', exc.errno)\n"
+_FSTAT = """
+import os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)
+print("OPEN", flush=True)
+for line in sys.stdin:
+    try:
+        print(oct(os.fstat(fd).st_mode & 0o777), flush=True)
+    except OSError as exc:
+        print("ERR", exc.errno, flush=True)
+"""
 
 
 def test_a_stopped_guest_keeps_no_old_attributes_once_its_term_has_run_out(
         export, start_host, mount_guest):  # noqa: F811
     """The watchdog purges the attributes of every node id the kernel was given
-    valid attributes for, not only of those with data.  With the node ids of
-    attribute replies not announced (the fix's `_kept` removed), the stat
-    below returned the old mode after the change had landed."""
+    valid attributes for, not only of those with data.  An application holds
+    the file open (no path walk, which the directories' capped attributes
+    would stop) and never reads it.  With the node ids of attribute replies
+    not announced to the watchdog (`_kept` emptied), its fstat returned the
+    old mode after the change had landed."""
     _tree(export, 1)
     address = _host(start_host, export, "--detector", "none")
     a, b = mount_guest(address, "a"), mount_guest(address, "b")
-    assert os.stat(a.path("d/f0")).st_mode & 0o777 == 0o644
-    a.child.proc.send_signal(signal.SIGSTOP)
+    app = Child([sys.executable, "-c", _FSTAT, a.path("d/f0")], "app")
     try:
-        started = time.monotonic()
-        os.chmod(b.path("d/f0"), 0o600)  # waits until a is fenced (its term has run out)
-        assert time.monotonic() - started >= 0.3
-        seen = subprocess.run([sys.executable, "-c", _STAT, a.path("d/f0")],
-                              capture_output=True, text=True, timeout=WAIT).stdout.strip()
-        assert seen != oct(0o644), "the stopped guest's kernel served the old attributes"
+        assert app.line(WAIT).strip() == "OPEN"
+
+        def fstat() -> str:
+            app.proc.stdin.write(b"stat\n")
+            app.proc.stdin.flush()
+            return app.line(WAIT).strip()
+
+        assert fstat() == oct(0o644)
+        a.child.proc.send_signal(signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            os.chmod(b.path("d/f0"), 0o600)  # waits until a is fenced (its term has run out)
+            assert time.monotonic() - started >= 0.3
+            assert fstat() != oct(0o644), "the stopped guest's kernel served the old attributes"
+        finally:
+            a.child.proc.send_signal(signal.SIGCONT)
+        assert a.child.proc.wait(WAIT) == 1
     finally:
-        a.child.proc.send_signal(signal.SIGCONT)
-    assert a.child.proc.wait(WAIT) == 1
+        app.stop()
