@@ -226,6 +226,11 @@ class Coherence:
         if st is not None and (st.may_have_pages or st.reads or st.tainted):
             self.stats.purges += 1
             await self._purge(ino)
+        elif ino in self._announced:
+            # Attributes the kernel may still hold as valid (T1) from before the
+            # change, which no recall will reach now: attributes only (offset
+            # -1: no page lock to wait for).
+            await self._notify("inode", self.dev.notify_inval_inode, ino, -1, 0)
 
     # --- lease rules for what the kernel may keep (R3, R4) ---------------------------
 
