@@ -374,6 +374,9 @@ def run(quick: bool, seconds: float | None = None, files: int | None = None,
             os.makedirs(export)
             subprocess.run(["git", "clone", "-q", "--no-hardlinks", repo,
                             os.path.join(export, "clone")], check=True)
+            # Written back first: clean-lease leases only inodes without dirty pages,
+            # so a tree just written on the host would be unleased at first.
+            os.sync()
             fs = CleanLease(base, policy, tag=f"status-{policy}", backing=export)
             try:
                 raw["status_by_policy"][policy] = warm_status(fs, os.path.join(fs.root, "clone"),
