@@ -225,11 +225,14 @@ class Coherence:
         st = self.inodes.get(ino)
         if st is not None and (st.may_have_pages or st.reads or st.tainted):
             self.stats.purges += 1
+            self._attrs_kept.discard(ino)  # dropped before the reply (a reply meanwhile re-adds)
             await self._purge(ino)
-        elif ino in self._announced:
+        elif ino in self._attrs_kept:
             # Attributes the kernel may still hold as valid (T1) from before the
             # change, which no recall will reach now: attributes only (offset
-            # -1: no page lock to wait for).
+            # -1: no page lock to wait for).  Once: until a reply makes them
+            # valid again (`_kept`), later modifications need not.
+            self._attrs_kept.discard(ino)
             await self._notify("inode", self.dev.notify_inval_inode, ino, -1, 0)
 
     # --- lease rules for what the kernel may keep (R3, R4) ---------------------------
@@ -272,6 +275,7 @@ class Coherence:
         lease policy the watchdog must purge it when the term runs out."""
         if self.leases and any(v != (0, 0) for v in valid):
             self._announce(nodeid)
+            self._attrs_kept.add(nodeid)
 
     async def _attrs_granted(self, nodeid: int, lease: LeaseGrant) -> bool:
         """For a reply carrying attributes of `nodeid`: may the kernel keep them?

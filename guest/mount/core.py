@@ -109,6 +109,9 @@ class GuestMount(Coherence, KernelSize):
         # Names the kernel may keep under a directory's lease (entry timeout > 0),
         # per directory: dropped when the guest loses that lease.
         self._names: dict[int, set[bytes]] = {}
+        # Node ids whose attributes the kernel may hold as valid (a subset of
+        # `_announced`): an own modification drops them once.
+        self._attrs_kept: set[int] = set()
         self._term_started = False
         self._stopping = False
         self._asked_fire = False
@@ -223,6 +226,7 @@ class GuestMount(Coherence, KernelSize):
         # and (a dentry pins its parent) no names under it.
         del self._lookups[nodeid]
         self._names.pop(nodeid, None)
+        self._attrs_kept.discard(nodeid)
         if nodeid in self._announced:
             self._announced.discard(nodeid)
             self.watchdog.remove(nodeid)
