@@ -33,7 +33,7 @@ import os
 
 from construct import Int32ul, Int64ul, Padding, Struct
 
-from protocol import fuse, wire
+from protocol import fuse, fusefast, wire
 
 DEV_FUSE = "/dev/fuse"
 
@@ -228,9 +228,7 @@ class FuseDevice:
             return exc.errno or errno.EIO
 
     def reply(self, unique: int, error: int = 0, body: bytes = b"") -> int:
-        header = fuse.FuseOutHeader.build(
-            {"len": fuse.FUSE_OUT_HEADER_SIZE + len(body), "error": error, "unique": unique})
-        return self.write(header + body)
+        return self.write(fusefast.out_header(unique, error, len(body)) + body)
 
     # --- notifications (call from a notifier thread, never the request loop) ---
 
@@ -266,13 +264,14 @@ class FuseDevice:
 
 
 def _notify_header(code: fuse.NotifyCode, body_len: int) -> bytes:
-    return fuse.FuseOutHeader.build(
-        {"len": fuse.FUSE_OUT_HEADER_SIZE + body_len, "error": int(code), "unique": 0})
+    return fusefast.out_header(0, int(code), body_len)
 
 
 def parse_request(buf: bytes):
-    """Split one request into (fuse_in_header container, body memoryview)."""
-    header = fuse.FuseInHeader.parse(buf[: fuse.FUSE_IN_HEADER_SIZE])
+    """Split one request into (fuse_in_header, as a named tuple, body memoryview)."""
+    if len(buf) < fusefast.IN_HEADER_SIZE:
+        raise ValueError(f"a request of {len(buf)} bytes: shorter than fuse_in_header")
+    header = fusefast.parse_in_header(buf)
     if header.len != len(buf):
         raise ValueError(f"fuse_in_header.len {header.len} but read {len(buf)} bytes")
     return header, memoryview(buf)[fuse.FUSE_IN_HEADER_SIZE:]

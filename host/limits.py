@@ -107,7 +107,9 @@ class FdBudget:
         for connections that are accepted only to be refused at once.  Of
         what is left, 1/4 goes to node ids (each may need 3 fds) and 1/4 to
         handles; one guest may take a quarter of either (and at most
-        `handles_per_guest`/`nodeids_per_guest`, if given).
+        `handles_per_guest`, if given; `nodeids_per_guest`, if given, instead
+        of the quarter, up to all of them: one mount whose kernel keeps a
+        node id for every name it has seen, alone on a host, needs more).
 
         Raises ValueError if `limit` leaves nothing for the export."""
         reserve = DAEMON_RESERVE + DETECTOR_EVENT_FDS
@@ -122,8 +124,8 @@ class FdBudget:
         handles = export // 4
         per_node = max(1, nodeids // 4)
         per_handle = max(1, handles // 4)
-        if nodeids_per_guest is not None:
-            per_node = min(per_node, nodeids_per_guest)
+        if nodeids_per_guest is not None:  # replaces the quarter, up to the whole pool
+            per_node = max(1, min(nodeids, nodeids_per_guest))
         if handles_per_guest is not None:
             per_handle = min(per_handle, handles_per_guest)
         return cls(limit, reserve, sockets, nodeids, handles, per_node, per_handle)

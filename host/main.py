@@ -95,7 +95,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     limits.add_argument("--max-nodeids-per-guest", type=int, metavar="N",
                         help="node ids per guest, then EMFILE (default: a quarter of the node "
                              "id budget, which is a quarter of the descriptors left after the "
-                             "daemon's reserve and the sockets)")
+                             "daemon's reserve and the sockets; at most the whole budget: a "
+                             "mount's kernel keeps a node id for every name it has looked up, "
+                             "so one mount of a large tree alone on a host needs more)")
     limits.add_argument("--fd-limit", type=int, metavar="N",
                         help="set RLIMIT_NOFILE's soft limit to N instead of raising it to the "
                              "hard limit, and budget for N (to try the budget on a small "

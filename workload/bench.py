@@ -73,6 +73,7 @@ class Row:
     baseline_label: str
     max_ratio: float | None = None  # target: value <= max_ratio * baseline
     max_value: float | None = None  # target: value <= max_value (in `unit`)
+    min_ratio: float | None = None  # target: value >= min_ratio * baseline
     higher_is_better: bool = False
     note: str = ""
     extra: dict = field(default_factory=dict)
@@ -85,6 +86,8 @@ class Row:
     def target(self) -> str:
         if self.max_ratio is not None:
             return f"≤ {self.max_ratio:g}×"
+        if self.min_ratio is not None:
+            return f"≥ {self.min_ratio:g}×"
         if self.max_value is not None:
             return f"≤ {self.max_value:g} {self.unit}"
         return "-"
@@ -93,6 +96,8 @@ class Row:
     def met(self) -> bool | None:
         if self.max_ratio is not None:
             return self.ratio <= self.max_ratio
+        if self.min_ratio is not None:
+            return self.ratio >= self.min_ratio
         if self.max_value is not None:
             return self.value <= self.max_value
         return None

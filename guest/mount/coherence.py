@@ -5,14 +5,14 @@ the lease rules for what the kernel may keep (R3, R4)."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import errno
 import logging
 import os
+import stat
 import time
 
 from guest.mount.state import NotificationFailed, _Inode
-from protocol import fuse
+from protocol import fusefast
 from protocol.fuse import FOPEN_DIRECT_IO, FOPEN_KEEP_CACHE
 from protocol.messages import InvalEntry, Invalidate, LeaseGrant, Policy
 
@@ -77,6 +77,12 @@ class Coherence:
         else:
             future = self._notify("entry", self.dev.notify_inval_entry, event.parent, event.name,
                                   0)
+            # fuse_reverse_inval_entry invalidates the directory's attributes
+            # (mtime, size, link count) only if it found the dentry: without
+            # one they would stay valid (untimed, under the lease).  Attributes
+            # only (offset -1): no page lock, no directory lock.
+            future = self._and_then(future, self._notify(
+                "inode", self.dev.notify_inval_inode, event.parent, -1, 0))
         self.stats.acks_held += 1
         return self._succeeded(future)
 
@@ -119,6 +125,9 @@ class Coherence:
         st = self._inode(nodeid)
         taint_seq, fill_seq = st.taint_seq, st.fill_seq
         future = self._notify("inode", self.dev.notify_inval_inode, nodeid, off, length)
+        names = self._names.pop(nodeid, None)
+        if names:
+            future = self._and_then(future, self._drop_names(nodeid, names))
 
         def done(f: asyncio.Future) -> None:
             if f.cancelled() or f.exception() is not None or off != 0 or length > 0:
@@ -132,6 +141,45 @@ class Coherence:
 
         future.add_done_callback(done)
         return future
+
+    def _drop_names(self, parent: int, names: set[bytes]) -> asyncio.Future:
+        """Drop the kernel's dentries of `names` in directory `parent`, which were
+        valid under its lease (FUSE_NOTIFY_INVAL_ENTRY each, on one notifier
+        thread); the future gives (first errno other than 0 and ENOENT, ns)."""
+
+        def drop_all() -> int:
+            worst = 0
+            for name in names:
+                err = self.dev.notify_inval_entry(parent, name, 0)
+                if err not in (0, errno.ENOENT) and not worst:
+                    worst = err
+            return worst
+
+        return self._notify("names", drop_all)
+
+    def _and_then(self, first: asyncio.Future, second: asyncio.Future) -> asyncio.Future:
+        """A notification future that completes when both have: the first's
+        result, unless the second failed."""
+        both = self.loop.create_future()
+
+        def done(_) -> None:
+            if both.done() or not (first.done() and second.done()):
+                return
+            for f in (second, first):
+                if f.cancelled():
+                    both.cancel()
+                    return
+                if f.exception() is not None:
+                    both.set_exception(f.exception())
+                    return
+            err, took = first.result()
+            err2, took2 = second.result()
+            both.set_result((err if err not in (0, errno.ENOENT) or not err2 else err2,
+                             max(took, took2)))
+
+        first.add_done_callback(done)
+        second.add_done_callback(done)
+        return both
 
     async def _drain_and_purge(self, nodeid: int, reads: list[asyncio.Future]) -> None:
         """R4: wait until the READs in `reads` are answered, then drop tainted pages."""
@@ -167,10 +215,25 @@ class Coherence:
             self.cache.forget_own_copy(ino)
         if not self.leases:
             return
+        names = self._names.pop(ino, None)
+        if names:
+            # The host no longer counts us among the directory's holders, so it
+            # will not recall its names: drop them now.  Not awaited: the kernel
+            # holds the directory's i_rwsem (INVAL_ENTRY takes it) until it has
+            # this reply (docs/mount.md, "Entries and attributes under a lease").
+            self._drop_names(ino, names)
         st = self.inodes.get(ino)
         if st is not None and (st.may_have_pages or st.reads or st.tainted):
             self.stats.purges += 1
+            self._attrs_kept.discard(ino)  # dropped before the reply (a reply meanwhile re-adds)
             await self._purge(ino)
+        elif ino in self._attrs_kept:
+            # Attributes the kernel may still hold as valid (T1) from before the
+            # change, which no recall will reach now: attributes only (offset
+            # -1: no page lock to wait for).  Once: until a reply makes them
+            # valid again (`_kept`), later modifications need not.
+            self._attrs_kept.discard(ino)
+            await self._notify("inode", self.dev.notify_inval_inode, ino, -1, 0)
 
     # --- lease rules for what the kernel may keep (R3, R4) ---------------------------
 
@@ -178,17 +241,41 @@ class Coherence:
         """True if the reply's content may stay cached in the kernel."""
         return self.leases and self.cache.accept_grant(lease) and self.cache.may_serve_data(lease.ino)
 
-    def _valid_for(self, granted: bool, sec: int, nsec: int) -> tuple[int, int]:
-        """Kernel timeout for attributes/entries: the host's, capped by the lease."""
+    def _valid_for(self, granted: bool, sec: int, nsec: int, *, term_capped: bool = False
+                   ) -> tuple[int, int]:
+        """Kernel timeout for attributes/entries under the policy.
+
+        Without leases: the host's.  Under a lease policy: 0 without an
+        accepted grant, or once this guest's term has run out; with one, the
+        host's ("until invalidated"), not capped by the term.  That is safe
+        because a lease ends only in one of two ways (docs/mount.md, "Entries
+        and attributes under a lease"): by a recall, whose notification drops
+        the kernel's copy before the change lands (R2); or by the term running
+        out, before which the watchdog aborts the connection and drops the
+        attributes of every node id it was told of.  So the caller announces
+        the node id to the watchdog (`_kept`) before the reply goes out.
+
+        `term_capped`: the term's remaining time at most, as before (a
+        directory's attributes: no detector reports a host-local chmod or
+        utime of a directory, so no recall would come)."""
         if not self.leases:
             return sec, nsec
         if not granted:
             return 0, 0
-        remaining = min(self.cache.renewed_until - self.cache.clock(), sec + nsec / 1e9)
+        remaining = self.cache.renewed_until - self.cache.clock()
         if remaining <= 0:
             return 0, 0
+        if not term_capped or remaining >= sec + nsec / 1e9:
+            return sec, nsec
         whole = int(remaining)
         return whole, int((remaining - whole) * 1e9)
+
+    def _kept(self, nodeid: int, *valid: tuple[int, int]) -> None:
+        """A reply lets the kernel keep something of `nodeid` for a while: under a
+        lease policy the watchdog must purge it when the term runs out."""
+        if self.leases and any(v != (0, 0) for v in valid):
+            self._announce(nodeid)
+            self._attrs_kept.add(nodeid)
 
     async def _attrs_granted(self, nodeid: int, lease: LeaseGrant) -> bool:
         """For a reply carrying attributes of `nodeid`: may the kernel keep them?
@@ -204,26 +291,32 @@ class Coherence:
                 return False
         return self._accept(lease)
 
-    def _entry_bytes(self, parent: int, entry, attr_granted: bool) -> bytes:
+    def _entry_bytes(self, parent: int, name: bytes, entry, attr_granted: bool) -> bytes:
         if self.leases:
             parent_leased = self.cache.may_serve_data(parent)
             entry_valid = self._valid_for(parent_leased, entry.entry_valid, entry.entry_valid_nsec)
+            if entry_valid != (0, 0):
+                # Kept under the parent's lease: dropped with it (`_purge`).
+                self._names.setdefault(parent, set()).add(bytes(name))
         else:
             entry_valid = (entry.entry_valid, entry.entry_valid_nsec)
-        attr_valid = self._valid_for(attr_granted, entry.attr_valid, entry.attr_valid_nsec)
+        attr_valid = self._valid_for(attr_granted, entry.attr_valid, entry.attr_valid_nsec,
+                                     term_capped=stat.S_ISDIR(entry.attr.mode))
+        # The name is the parent's to keep: a path walk through it checks the
+        # parent's attributes first (default_permissions), and those are the
+        # parent's own reply's (announced there, or invalid: then it asks).
+        self._kept(entry.nodeid, attr_valid)
         self._size_sent(entry.nodeid, entry.attr)
         self._lookups[entry.nodeid] = self._lookups.get(entry.nodeid, 0) + 1
-        return fuse.EntryOut.build({
-            "nodeid": entry.nodeid, "generation": entry.generation,
-            "entry_valid": entry_valid[0], "attr_valid": attr_valid[0],
-            "entry_valid_nsec": entry_valid[1], "attr_valid_nsec": attr_valid[1],
-            "attr": dataclasses.asdict(entry.attr)})
+        return fusefast.entry_out(entry.nodeid, entry.generation, entry_valid[0], attr_valid[0],
+                                  entry_valid[1], attr_valid[1], entry.attr)
 
     def _attr_bytes(self, nodeid: int, out, granted: bool) -> bytes:
-        valid = self._valid_for(granted, out.attr_valid, out.attr_valid_nsec)
+        valid = self._valid_for(granted, out.attr_valid, out.attr_valid_nsec,
+                                term_capped=stat.S_ISDIR(out.attr.mode))
+        self._kept(nodeid, valid)
         self._size_sent(nodeid, out.attr)
-        return fuse.AttrOut.build({"attr_valid": valid[0], "attr_valid_nsec": valid[1],
-                                   "attr": dataclasses.asdict(out.attr)})
+        return fusefast.attr_out(valid[0], valid[1], out.attr)
 
     def _open_flags(self, writing: bool, granted: bool) -> int:
         match self.policy:
@@ -240,6 +333,6 @@ class Coherence:
             self.stats.opens_cached += 1
         else:
             self.stats.opens_direct += 1
-        return fuse.OpenOut.build({"fh": fh, "open_flags": flags, "backing_id": 0})
+        return fusefast.open_out(fh, flags)
 
 

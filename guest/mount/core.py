@@ -48,6 +48,13 @@ WATCHDOG_REASONS = {
 }
 
 
+def _opcode_name(opcode: int) -> str:
+    try:
+        return Opcode(opcode).name
+    except ValueError:
+        return str(opcode)
+
+
 class GuestMount(Coherence, KernelSize):
     """Serves one FUSE mount from one connected MountClient."""
 
@@ -73,6 +80,7 @@ class GuestMount(Coherence, KernelSize):
         self.notifier = concurrent.futures.ThreadPoolExecutor(
             NOTIFIER_THREADS, thread_name_prefix="fuse-notify")
         self.stats = MountStats()
+        self._by_opcode: dict[int, int] = {}  # kernel requests per opcode (stats: by name)
         self.connection: int | None = None  # fusectl number, once mounted
         self.handles: dict[int, bool] = {}  # fh -> opened with KEEP_CACHE
         self.inodes: dict[int, _Inode] = {}
@@ -98,6 +106,12 @@ class GuestMount(Coherence, KernelSize):
         self._watchdog_task: asyncio.Task | None = None
         self._announced: set[int] = set()
         self._lookups: dict[int, int] = {}
+        # Names the kernel may keep under a directory's lease (entry timeout > 0),
+        # per directory: dropped when the guest loses that lease.
+        self._names: dict[int, set[bytes]] = {}
+        # Node ids whose attributes the kernel may hold as valid (a subset of
+        # `_announced`): an own modification drops them once.
+        self._attrs_kept: set[int] = set()
         self._term_started = False
         self._stopping = False
         self._asked_fire = False
@@ -190,6 +204,7 @@ class GuestMount(Coherence, KernelSize):
     def ask(self, h, op, nodeid: int | None = None, wait_forever: bool = False):
         """Forward `op` for the kernel request `h` (to `h.nodeid`, or `nodeid`), as
         the request's caller (guest/mount/caller.py); returns the host's reply."""
+        self.stats.host_requests += 1
         return self.client.request(h.nodeid if nodeid is None else nodeid, op,
                                    caller=caller_of(h), wait_forever=wait_forever)
 
@@ -207,8 +222,11 @@ class GuestMount(Coherence, KernelSize):
         if count > 0:
             self._lookups[nodeid] = count
             return
-        # The kernel evicted the inode (fuse_evict_inode sends the FORGET): no pages.
+        # The kernel evicted the inode (fuse_evict_inode sends the FORGET): no pages,
+        # and (a dentry pins its parent) no names under it.
         del self._lookups[nodeid]
+        self._names.pop(nodeid, None)
+        self._attrs_kept.discard(nodeid)
         if nodeid in self._announced:
             self._announced.discard(nodeid)
             self.watchdog.remove(nodeid)
@@ -294,6 +312,7 @@ class GuestMount(Coherence, KernelSize):
 
     def stats_dict(self) -> dict:
         d = self.stats.as_dict()
+        d["by_opcode"] = {_opcode_name(op): n for op, n in sorted(self._by_opcode.items())}
         d["policy"] = self.policy.label
         d["mountpoint"] = self.mountpoint
         d["guest_id"] = self.client.hello.guest_id
@@ -342,16 +361,14 @@ class GuestMount(Coherence, KernelSize):
             return
         self.stats.requests += 1
         opcode = header.opcode
+        self._by_opcode[opcode] = self._by_opcode.get(opcode, 0) + 1
         local = LOCAL.get(opcode)
         if local is not None:
             local(self, header, body)
             return
         handler = FORWARDED.get(opcode)
         if handler is None:
-            try:
-                name = Opcode(opcode).name
-            except ValueError:
-                name = str(opcode)
+            name = _opcode_name(opcode)
             self.stats.enosys[name] = self.stats.enosys.get(name, 0) + 1
             self.dev.reply(header.unique, -errno.ENOSYS)
             return

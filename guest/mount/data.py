@@ -7,7 +7,7 @@ import errno
 from typing import TYPE_CHECKING
 
 from guest.mount.state import _Reply
-from protocol import fuse
+from protocol import fuse, fusefast
 from protocol.messages import Read, Write
 
 if TYPE_CHECKING:  # the mount imports these handlers: name its type only for checkers
@@ -15,7 +15,7 @@ if TYPE_CHECKING:  # the mount imports these handlers: name its type only for ch
 
 
 async def read(m: GuestMount, h, body) -> None:
-    arg = fuse.ReadIn.parse(bytes(body))
+    arg = fusefast.parse(fuse.ReadIn, body)
     m.stats.read_requests += 1
     cached = m.handles.get(arg.fh, False)
     nodeid = h.nodeid
@@ -79,8 +79,8 @@ async def read(m: GuestMount, h, body) -> None:
 
 
 async def write(m: GuestMount, h, body) -> bytes:
-    arg = fuse.WriteIn.parse(bytes(body))
-    data = bytes(arg.data)
+    arg = fusefast.write_in(body)
+    data = arg.data if type(arg.data) is bytes else bytes(arg.data)
     if arg.size != len(data):
         raise _Reply(errno.EINVAL)
     m.stats.kernel_writes += 1
@@ -89,4 +89,4 @@ async def write(m: GuestMount, h, body) -> bytes:
                                                    arg.lock_owner, arg.flags))
     await m._own_modification(h.nodeid, reply.lease)
     m._grows_to(h.nodeid, arg.offset + reply.body.size)  # fuse_write_update_attr
-    return fuse.WriteOut.build({"size": reply.body.size})
+    return fusefast.write_out(reply.body.size)

@@ -7,7 +7,7 @@ import os
 from typing import TYPE_CHECKING
 
 from guest.fuse_device import FUSE_GETATTR_FH
-from protocol import fuse
+from protocol import fuse, fusefast
 from protocol.messages import Create, Flush, Fsync, Getattr, Open, Release, Setattr
 
 if TYPE_CHECKING:  # the mount imports these handlers: name its type only for checkers
@@ -15,7 +15,7 @@ if TYPE_CHECKING:  # the mount imports these handlers: name its type only for ch
 
 
 async def get_attr(m: GuestMount, h, body) -> bytes:
-    arg = fuse.GetattrIn.parse(bytes(body))
+    arg = fusefast.parse(fuse.GetattrIn, body)
     fh = arg.fh if arg.getattr_flags & FUSE_GETATTR_FH else 0
     m.stats.getattrs += 1
     st = m.inodes.get(h.nodeid)
@@ -53,7 +53,7 @@ def writes(flags: int) -> bool:
 
 
 async def open_file(m: GuestMount, h, body) -> bytes:
-    arg = fuse.OpenIn.parse(bytes(body))
+    arg = fusefast.parse(fuse.OpenIn, body)
     writing = writes(arg.flags)
     reply = await m.ask(h, Open(arg.flags, arg.open_flags))
     granted = False
@@ -77,23 +77,23 @@ async def create_file(m: GuestMount, h, body) -> bytes:
     m._size_fetched(entry.nodeid, entry.attr)
     await m._own_modification(entry.nodeid, reply.lease)
     flags = m._open_flags(True, False)
-    return m._entry_bytes(h.nodeid, entry, False) + m._opened(opened.fh, flags)
+    return m._entry_bytes(h.nodeid, arg.name, entry, False) + m._opened(opened.fh, flags)
 
 
 async def flush(m: GuestMount, h, body) -> bytes:
-    arg = fuse.FlushIn.parse(bytes(body))
+    arg = fusefast.parse(fuse.FlushIn, body)
     await m.ask(h, Flush(arg.fh, arg.lock_owner))
     return b""
 
 
 async def fsync(m: GuestMount, h, body) -> bytes:
-    arg = fuse.FsyncIn.parse(bytes(body))
+    arg = fusefast.parse(fuse.FsyncIn, body)
     await m.ask(h, Fsync(arg.fh, arg.fsync_flags))
     return b""
 
 
 async def release(m: GuestMount, h, body) -> bytes:
-    arg = fuse.ReleaseIn.parse(bytes(body))
+    arg = fusefast.parse(fuse.ReleaseIn, body)
     m.handles.pop(arg.fh, None)
     await m.ask(h, Release(arg.fh, arg.flags, arg.release_flags,
                                              arg.lock_owner))

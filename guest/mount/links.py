@@ -17,7 +17,7 @@ if TYPE_CHECKING:  # the mount imports these handlers: name its type only for ch
 async def symlink(m: GuestMount, h, body) -> bytes:
     arg = fuse.SymlinkIn.parse(bytes(body))
     reply = await m.ask(h, Symlink(arg.name, arg.target))
-    return m._entry_bytes(h.nodeid, reply.body, False)
+    return m._entry_bytes(h.nodeid, arg.name, reply.body, False)
 
 
 async def readlink(m: GuestMount, h, body) -> bytes:
@@ -28,14 +28,14 @@ async def readlink(m: GuestMount, h, body) -> bytes:
 async def mknod(m: GuestMount, h, body) -> bytes:
     arg = fuse.MknodIn.parse(bytes(body))
     reply = await m.ask(h, Mknod(arg.name, arg.mode, arg.rdev, arg.umask))
-    return m._entry_bytes(h.nodeid, reply.body, False)
+    return m._entry_bytes(h.nodeid, arg.name, reply.body, False)
 
 
 async def link(m: GuestMount, h, body) -> bytes:
     arg = fuse.LinkIn.parse(bytes(body))
     reply = await m.ask(h, Link(arg.oldnodeid, arg.newname))
     await m._own_modification(arg.oldnodeid, reply.lease)
-    return m._entry_bytes(h.nodeid, reply.body, False)
+    return m._entry_bytes(h.nodeid, arg.newname, reply.body, False)
 
 
 async def rename2(m: GuestMount, h, body) -> bytes:

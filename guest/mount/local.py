@@ -22,7 +22,7 @@ from guest.fuse_device import (
     BatchForgetIn,
     ForgetOne,
 )
-from protocol import fuse
+from protocol import fuse, fusefast
 from protocol.fuse import Opcode
 from protocol.messages import Policy
 
@@ -67,7 +67,7 @@ def _init(m: GuestMount, h, body) -> None:
 
 
 def _forget(m: GuestMount, h, body) -> None:
-    nlookup = fuse.ForgetIn.parse(bytes(body)).nlookup
+    nlookup = fusefast.parse(fuse.ForgetIn, body).nlookup
     m._forgotten(h.nodeid, nlookup)
     m.client.forget(h.nodeid, nlookup)
 
@@ -83,7 +83,7 @@ def _batch_forget(m: GuestMount, h, body) -> None:
 
 def _opendir(m: GuestMount, h, body) -> None:
     # The host reads directories by node id; no handle is needed.
-    m.dev.reply(h.unique, 0, fuse.OpenOut.build({"fh": 0, "open_flags": 0, "backing_id": 0}))
+    m.dev.reply(h.unique, 0, fusefast.open_out(0, 0))
 
 
 def _empty(m: GuestMount, h, body) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from protocol import fuse
+from protocol import fuse, fusefast
 from protocol.messages import Lookup, Mkdir, Readdir, Readdirplus, Rename, Rmdir, Unlink
 
 if TYPE_CHECKING:  # the mount imports these handlers: name its type only for checkers
@@ -12,13 +12,13 @@ if TYPE_CHECKING:  # the mount imports these handlers: name its type only for ch
 
 
 async def lookup(m: GuestMount, h, body) -> bytes:
-    name = fuse.LookupIn.parse(bytes(body)).name
+    name = fusefast.lookup_name(body)
     m.stats.lookups += 1
     reply = await m.ask(h, Lookup(name))
     entry = reply.body
     m._size_fetched(entry.nodeid, entry.attr)
     granted = await m._attrs_granted(entry.nodeid, reply.lease)
-    return m._entry_bytes(h.nodeid, entry, granted)
+    return m._entry_bytes(h.nodeid, name, entry, granted)
 
 
 async def readdir(m: GuestMount, h, body) -> bytes:
@@ -42,7 +42,7 @@ async def readdirplus(m: GuestMount, h, body) -> bytes:
     for e in reply.body.entries:
         m._size_fetched(e.entry.nodeid, e.entry.attr)
         d = e.dirent
-        out.append(m._entry_bytes(h.nodeid, e.entry, False) + fuse.Dirent.build({
+        out.append(m._entry_bytes(h.nodeid, e.dirent.name, e.entry, False) + fuse.Dirent.build({
             "ino": d.ino, "off": d.off, "namelen": len(d.name), "type": d.type,
             "name": d.name}))
     return b"".join(out)
@@ -51,7 +51,7 @@ async def readdirplus(m: GuestMount, h, body) -> bytes:
 async def mkdir(m: GuestMount, h, body) -> bytes:
     arg = fuse.MkdirIn.parse(bytes(body))
     reply = await m.ask(h, Mkdir(arg.name, arg.mode & 0o7777, arg.umask))
-    return m._entry_bytes(h.nodeid, reply.body, False)
+    return m._entry_bytes(h.nodeid, arg.name, reply.body, False)
 
 
 async def unlink(m: GuestMount, h, body) -> bytes:

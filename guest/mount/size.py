@@ -66,6 +66,7 @@ class KernelSize:
         if size <= 0 or (bound is not None and size <= bound):
             return
         try:
+            self.stats.host_requests += 1
             reply = await self.client.request(nodeid, Read(fh, size - 1, 1, 0, 0, 0))
         except HostError:
             return  # e.g. a write-only handle (lseek(SEEK_END) asks too): no read follows
