@@ -27,9 +27,14 @@ from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from protocol.messages import Attr, LeaseGrant, Policy
+from protocol.messages import Attr, Granularity, LeaseGrant, Policy
 
 PAGE_SIZE = 4096
+# A page index past any file: an invalidated span ending here runs to the end.
+END_PAGE = 1 << 62
+# Invalidations remembered per inode before they are merged into one
+# (conservative: a merged one drops every grant older than the newest).
+SEEN_SPANS = 32
 
 # GuestCache._data_rule: what may_serve_data answers under the policy.
 _NONE, _ALL, _LEASED = "none", "all", "leased"
@@ -68,6 +73,12 @@ class GuestCache:
         self._entries: dict[tuple[int, bytes], tuple[int, float]] = {}
         self._leases: set[int] = set()
         self._seen_generation: dict[int, int] = {}
+        # Per inode: the invalidations seen, as (first page, end page, generation);
+        # page -1 is the attributes (`_seen_generation` is the newest of them).
+        self._seen_spans: dict[int, list[tuple[int, int, int]]] = {}
+        # What the host's invalidations of a regular file cover (HELLO): under
+        # RANGE, this guest's own writes drop only the pages they change.
+        self.granularity = Granularity.INODE
         # Per directory: how many of its names were invalidated (or changed by
         # this guest) so far.  A LOOKUP reply is cached only if this did not
         # move while it was on its way (`entry_epoch`, `store_entry`).
@@ -111,11 +122,13 @@ class GuestCache:
         """
         self.renewed_until = max(self.renewed_until, sent_at + self.lease_term_s)
 
-    def accept_grant(self, lease: LeaseGrant) -> bool:
+    def accept_grant(self, lease: LeaseGrant, pages: tuple[int, int] | None = None) -> bool:
         """Take the lease a reply carries.  True if the reply's content may be cached.
 
         A grant older than an invalidation already seen for that inode raced
-        with it and is dropped.
+        with it and is dropped.  `pages` ([first, end) page indices) are what a
+        READ reply carries: then only an invalidation of those pages counts
+        (one of other pages, under range granularity, left them as they were).
         """
         if not self._uses_leases:
             return self.policy is not Policy.NEVER
@@ -124,11 +137,33 @@ class GuestCache:
         if lease.ino in self._modifying:
             self.stats.stale_grants_dropped += 1
             return False
-        if lease.generation < self._seen_generation.get(lease.ino, 0):
+        if lease.generation < self._seen_generation_over(lease.ino, pages):
             self.stats.stale_grants_dropped += 1
             return False
         self._leases.add(lease.ino)
         return True
+
+    def _seen_generation_over(self, nodeid: int, pages: tuple[int, int] | None) -> int:
+        """The newest invalidation of `nodeid` seen that covers `pages` (a page
+        span [first, end)); of any part of it when `pages` is None (attributes,
+        an open: what a reply without pages says is about the whole inode)."""
+        newest = self._seen_generation.get(nodeid, 0)
+        if pages is None or newest == 0:
+            return newest
+        first, end = pages
+        return max((gen for start, stop, gen in self._seen_spans.get(nodeid, ())
+                    if start < end and first < stop), default=0)
+
+    def _saw_invalidation(self, nodeid: int, start: int, stop: int, generation: int) -> None:
+        if generation > self._seen_generation.get(nodeid, 0):
+            self._seen_generation[nodeid] = generation
+        spans = [(a, b, g) for a, b, g in self._seen_spans.get(nodeid, ())
+                 if not (start <= a and b <= stop and g <= generation)]
+        spans.append((start, stop, generation))
+        if len(spans) > SEEN_SPANS:
+            spans = [(min(a for a, _, _ in spans), max(b for _, b, _ in spans),
+                      max(g for _, _, g in spans))]
+        self._seen_spans[nodeid] = spans
 
     def _leased(self, nodeid: int) -> bool:
         return nodeid in self._leases and self.clock() < self.renewed_until
@@ -231,6 +266,16 @@ class GuestCache:
             self._pages.pop((nodeid, index), None)
         self._page_version.pop(nodeid, None)
 
+    def drop_page_span(self, nodeid: int, first: int, end: int) -> None:
+        """Drop the cached pages [first, end) of `nodeid` (end END_PAGE: to the end)."""
+        pages = self._pages_of.get(nodeid)
+        if not pages:
+            return
+        for index in [i for i in pages if first <= i < end]:
+            pages.discard(index)
+            self._pages.pop((nodeid, index), None)
+        self._page_version.pop(nodeid, None)
+
     @property
     def cached_bytes(self) -> int:
         return sum(len(p) for p in self._pages.values())
@@ -281,13 +326,47 @@ class GuestCache:
 
     # --- invalidation ------------------------------------------------------------------
 
-    def invalidate_inode(self, nodeid: int, generation: int) -> None:
-        """Forget everything about `nodeid`; later grants older than `generation` are stale."""
-        if generation > self._seen_generation.get(nodeid, 0):
-            self._seen_generation[nodeid] = generation
-        self._leases.discard(nodeid)
-        self.drop_pages(nodeid)
+    def invalidate_inode(self, nodeid: int, generation: int, offset: int = 0,
+                         length: int = 0) -> None:
+        """Forget what an INVALIDATE(offset, length) covers of `nodeid`; later
+        grants older than `generation` of what it covered are stale.
+
+        offset 0 and length <= 0: everything, the lease too.  offset < 0: the
+        attributes only.  Otherwise the attributes and the pages holding
+        [offset, offset+length) (length <= 0: to the end): the lease stays,
+        with the other pages (range granularity), as a FUSE mount's kernel
+        keeps them on FUSE_NOTIFY_INVAL_INODE."""
         self._attrs.pop(nodeid, None)
+        if offset < 0:
+            self._saw_invalidation(nodeid, -1, 0, generation)
+            return
+        if offset == 0 and length <= 0:
+            self._saw_invalidation(nodeid, -1, END_PAGE, generation)
+            self._leases.discard(nodeid)
+            self.drop_pages(nodeid)
+            return
+        first = offset // PAGE_SIZE
+        end = END_PAGE if length <= 0 else -(-(offset + length) // PAGE_SIZE)
+        self._saw_invalidation(nodeid, first, end, generation)
+        self.drop_page_span(nodeid, first, end)
+
+    def own_write_span(self, nodeid: int, offset: int, length: int) -> tuple[int, int]:
+        """What this guest's own write of `length` bytes at `offset` makes
+        stale in its cache, as an INVALIDATE's (offset, length): everything
+        under inode granularity; under range, the pages written and, if the
+        write reaches the cached end of the file (its short last page or
+        end marker), everything from there on."""
+        if self.granularity is not Granularity.RANGE:
+            return 0, 0
+        first = offset // PAGE_SIZE
+        end = -(-(offset + max(length, 1)) // PAGE_SIZE)
+        short = [i for i in self._pages_of.get(nodeid, ())
+                 if len(self._pages.get((nodeid, i), b"x" * PAGE_SIZE)) < PAGE_SIZE]
+        eof = min(short, default=None)
+        if eof is not None and eof < end:
+            first = min(first, eof)
+            return first * PAGE_SIZE, 0  # the size changes: to the end
+        return first * PAGE_SIZE, (end - first) * PAGE_SIZE
 
     def invalidate_entry(self, parent: int, name: bytes, generation: int = 0) -> None:
         """A name in `parent` changed (or is about to, by this guest): forget it,
@@ -318,16 +397,24 @@ class GuestCache:
             if count:
                 self._modifying[nodeid] = count
 
-    def forget_own_copy(self, nodeid: int) -> None:
-        """This guest is about to modify `nodeid`: its cache of it is no longer current."""
-        self._leases.discard(nodeid)
-        self.drop_pages(nodeid)
+    def forget_own_copy(self, nodeid: int, span: tuple[int, int] = (0, 0)) -> None:
+        """This guest is about to modify `nodeid`: its cache of it (of `span`,
+        an `own_write_span`) is no longer current."""
+        offset, length = span
+        if offset == 0 and length <= 0:
+            self._leases.discard(nodeid)
+            self.drop_pages(nodeid)
+            self._attrs.pop(nodeid, None)
+            return
         self._attrs.pop(nodeid, None)
+        self.drop_page_span(nodeid, offset // PAGE_SIZE,
+                            END_PAGE if length <= 0 else -(-(offset + length) // PAGE_SIZE))
 
     def new_host(self) -> None:
         """The host restarted (a new boot id): its generations start again, so
         those seen from the old one mean nothing.  Call after `clear`."""
         self._seen_generation.clear()
+        self._seen_spans.clear()
         self._entry_epoch.clear()
 
     def clear(self) -> None:

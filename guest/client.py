@@ -293,6 +293,7 @@ class GuestClient:
             self.cache.clear()
             if self.boot_ids[-2:-1] != [reply.boot_id]:
                 self.cache.new_host()
+        self.cache.granularity = reply.granularity
         self._host_ino.clear()  # node ids belong to a session
         if self.heartbeat and self.cache.uses_leases:
             self._heartbeat_task = asyncio.ensure_future(self._heartbeats(session))
@@ -503,7 +504,8 @@ class GuestClient:
                         future.set_result(event)
             case Invalidate():
                 self.cache.stats.invalidations += 1
-                self.cache.invalidate_inode(event.ino, event.generation)
+                self.cache.invalidate_inode(event.ino, event.generation, event.offset,
+                                            event.length)
                 self._ack_after_callback(session, event)
             case InvalEntry():
                 self.cache.stats.inval_entries += 1
@@ -730,12 +732,14 @@ class GuestClient:
         self._files[handle] = None
         return handle
 
-    def _take_reply_lease(self, nodeid: int, reply: FsReply, *, modifies: bool) -> None:
+    def _take_reply_lease(self, nodeid: int, reply: FsReply, *, modifies: bool,
+                          span: tuple[int, int] = (0, 0)) -> None:
         if modifies:
             # The reply to our own modification carries the new generation: any
-            # grant for an older one, still on its way to us, must be dropped.
+            # grant for an older one (of `span`, what it changed), still on its
+            # way to us, must be dropped.
             if reply.lease.ino:
-                self.cache.invalidate_inode(reply.lease.ino, reply.lease.generation)
+                self.cache.invalidate_inode(reply.lease.ino, reply.lease.generation, *span)
             else:
                 self.cache.forget_own_copy(nodeid)
         else:
@@ -763,7 +767,8 @@ class GuestClient:
             reply = await self.request(handle.nodeid, Read(handle.fh, first, aligned))
             data = reply.body.data
             cache.stats.bytes_fetched += len(data)
-            if cache.accept_grant(reply.lease):
+            if cache.accept_grant(reply.lease, (first // PAGE_SIZE,
+                                                (first + aligned) // PAGE_SIZE)):
                 cache.store_pages(handle.nodeid, first, data, aligned)
             return data
         data = await self._retrying(call)
@@ -779,9 +784,10 @@ class GuestClient:
         async def call():
             handle.check()
             with self.cache.own_modification(handle.nodeid):
-                self.cache.forget_own_copy(handle.nodeid)
+                span = self.cache.own_write_span(handle.nodeid, offset, len(data))
+                self.cache.forget_own_copy(handle.nodeid, span)
                 reply = await self.request(handle.nodeid, Write(handle.fh, offset, data), unique)
-                self._take_reply_lease(handle.nodeid, reply, modifies=True)
+                self._take_reply_lease(handle.nodeid, reply, modifies=True, span=span)
             return WriteResult(reply.body.size, reply.lease.first_dirty)
         return await self._retrying(call, idempotent=False)
 

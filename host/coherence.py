@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from host import cachestat, statx
 from host.leases import HOST_LOCAL, WAIT, InodeState, Recall
+from host.ranges import ATTRS, WHOLE, Span
 from host.session import Session
 from protocol.messages import (
     LEASE_FIRST_DIRTY,
@@ -62,15 +63,19 @@ class Modification:
 
     nodeid: int
     first: bool
+    # What it was begun with (range granularity; WHOLE otherwise).
+    span: Span = WHOLE
 
 
 class Coherence:
     """Mixin of `HostDaemon`: leases granted, recalled and re-armed (see the module)."""
 
-    def lease_for(self, session: Session, nodeid: int, *, is_dir: bool = False) -> LeaseGrant:
+    def lease_for(self, session: Session, nodeid: int, *, is_dir: bool = False,
+                  span: Span | None = None) -> LeaseGrant:
         """Grant `session` a lease on `nodeid` if the policy allows; the reply must
-        be sent in the same step (no await in between)."""
-        grant = self.leases.grant(nodeid, session.guest_id, is_dir=is_dir)
+        be sent in the same step (no await in between).  `span`: the pages a
+        READ reply carries (range granularity grants them on their own)."""
+        grant = self.leases.grant(nodeid, session.guest_id, is_dir=is_dir, span=span)
         if grant is None:
             if session.caches_unleased and not is_dir:
                 self.leases.unleased(nodeid, session.guest_id)
@@ -219,8 +224,15 @@ class Coherence:
     # --- modifications: the first dirtying write path ----------------------------
 
     @asynccontextmanager
-    async def modification(self, nodeid: int, writer: int, *, is_dir: bool = False):
+    async def modification(self, nodeid: int, writer: int, *, is_dir: bool = False,
+                           span=None):
         """`async with d.modification(nodeid, writer) as m:` carry out one modification.
+
+        `span(size)`, if given, says what the modification changes when the
+        file is `size` bytes long (`host.ranges.written_span`, ...); under
+        range granularity it is asked in the step that decides, so no size
+        change can come between, and only that span is recalled.  Without
+        it the whole inode is.
 
         On entry, waits until no other guest can serve its copy of `nodeid`
         (`_modify`); `m.first` says whether this modification started the
@@ -236,10 +248,10 @@ class Coherence:
         """
         await self._after_restart_grace()  # before it can hold readers back (_landing)
         with self._landing(nodeid):
-            first, late = await self._modify(nodeid, writer, is_dir=is_dir)
-            self.leases.modification_begins(nodeid)
+            first, late, chosen = await self._modify(nodeid, writer, is_dir=is_dir, span=span)
+            self.leases.modification_begins(nodeid, chosen)
             try:
-                yield Modification(nodeid, first)
+                yield Modification(nodeid, first, chosen)
             except OSError as exc:
                 raise FailedModification(exc, self.revoked(nodeid, first)) from exc
             else:
@@ -255,7 +267,7 @@ class Coherence:
                     await self._recall_late(nodeid, late)
                 await self.recaller.running_over(nodeid)
             finally:
-                self.modified(nodeid, begun=True)
+                self.modified(nodeid, begun=True, span=chosen)
 
     @contextmanager
     def _landing(self, nodeid: int):
@@ -279,31 +291,48 @@ class Coherence:
         await self.recaller.carry_out(Recall(nodeid, generation, guests), lambda seq: Invalidate(
             seq, nodeid, 0, 0, generation), data=True)
 
-    async def _modify(self, nodeid: int, writer: int, *,
-                      is_dir: bool = False) -> tuple[bool, frozenset[int]]:
-        """Return once `writer` may modify `nodeid`: every other guest's copy is gone.
+    async def _modify(self, nodeid: int, writer: int, *, is_dir: bool = False,
+                      span=None) -> tuple[bool, frozenset[int], Span]:
+        """Return once `writer` may modify `nodeid`: every other guest's copy is gone
+        (of the span it changes, under range granularity: `modification`).
 
-        Returns (first, late): first is True if this modification is the first
-        dirtying one (it started a recall); late are the guests that cache
+        Returns (first, late, span): first is True if this modification started
+        a recall; span is what it was decided on; late are the guests that cache
         unleased replies and were sent `nodeid` while the recall ran without
         being held back (`before_unleased_reply`: they owed an ACK).  Must be
         followed, with no await in between, by the modification and
         `modified(nodeid)`, or by `modification_begins(nodeid)`; and then by a
         recall of `late`.
         """
-        late = await self._recall_for(nodeid, lambda: self.leases.begin_modification(
-            nodeid, writer, is_dir=is_dir))
+        chosen = [WHOLE]
+
+        def decide():
+            if span is not None and not is_dir and self.leases.ranged(nodeid):
+                chosen[0] = span(self._size_now(nodeid))  # this step: no size change between
+            return self.leases.begin_modification(nodeid, writer, is_dir=is_dir,
+                                                  span=chosen[0])
+        late = await self._recall_for(nodeid, decide)
         if late is not None:
-            self.detector.disarm(nodeid)
-            return True, late - {writer}
+            if not self.leases.ranged(nodeid):
+                self.detector.disarm(nodeid)  # (a partly clean inode stays armed)
+            return True, late - {writer}, chosen[0]
         if self.leases.policy is Policy.OPEN_LEASE:
             self.detector.disarm(nodeid)  # see open_for_write
-        return False, frozenset()
+        return False, frozenset(), chosen[0]
 
-    def modified(self, nodeid: int, *, begun: bool = False) -> None:
+    def _size_now(self, nodeid: int) -> int:
+        """The file's size now; -1 when it cannot be told (`written_span` and
+        `resized_span` then give the whole inode)."""
+        try:
+            return os.fstat(self.fs.inodes.host_fd(nodeid)).st_size
+        except OSError:
+            return -1
+
+    def modified(self, nodeid: int, *, begun: bool = False, span: Span = WHOLE) -> None:
         """A modification of `nodeid` has landed (`begun`: announced by
-        `modification_begins`): schedule the flush that cleans it."""
-        self.leases.modification_landed(nodeid, begun=begun)
+        `modification_begins`; `span`: what it changed, range granularity):
+        schedule the flush that cleans it."""
+        self.leases.modification_landed(nodeid, begun=begun, span=span)
         if self.leases.policy is Policy.CLEAN_LEASE:
             self._schedule_flush(nodeid)
 
@@ -336,14 +365,13 @@ class Coherence:
         if not isinstance(decision, Recall):
             return None
         over = self._recall_over[nodeid] = asyncio.get_running_loop().create_future()
-        waits = self._spawn(self.recaller.carry_out(decision, lambda seq: Invalidate(
-            seq, decision.ino, 0, 0, decision.generation), data=True))
+        waits = self._spawn(self._invalidate(decision))
 
         def end(cancelled: bool) -> None:
             self._recall_over.pop(nodeid, None)
             self.leases.recall_finished(nodeid)
             if cancelled:
-                self.modified(nodeid)
+                self.modified(nodeid, span=decision.span)
             over.set_result(None)  # the writers WAITing behind it ask again
 
         try:
@@ -353,6 +381,23 @@ class Coherence:
             raise
         end(cancelled=False)
         return self.leases.read_while_recalling(nodeid)
+
+    async def _invalidate(self, recall: Recall) -> None:
+        """Carry out `recall`: INVALIDATE its span at its holders, the whole
+        inode at its `whole` guests (range granularity), all at once."""
+        def message(offset: int, length: int):
+            return lambda seq: Invalidate(seq, recall.ino, offset, length, recall.generation)
+        ranged = recall.holders - recall.whole
+        if not recall.whole or not ranged:
+            whole = bool(recall.whole) or recall.span.is_whole
+            await self.recaller.carry_out(recall, message(*((0, 0) if whole else
+                                                             recall.span.invalidation)), data=True)
+            return
+        await asyncio.gather(
+            self.recaller.carry_out(Recall(recall.ino, recall.generation, ranged),
+                                    message(*recall.span.invalidation), data=True),
+            self.recaller.carry_out(Recall(recall.ino, recall.generation, recall.whole),
+                                    message(0, 0), data=True))
 
     def before_create(self, parent: int, name: bytes) -> None:
         """CREATE may open an existing file for write: under open-lease, drop the
@@ -396,8 +441,10 @@ class Coherence:
 
     # --- host-local changes, reported by the detector ---------------------------------
 
-    async def host_local_modify(self, nodeid: int) -> None:
-        """A process on the host is modifying (or has modified) `nodeid`.
+    async def host_local_modify(self, nodeid: int, span=None) -> None:
+        """A process on the host is modifying (or has modified) `nodeid`;
+        `span(size)`: what it changes, as for `modification` (a pre-content
+        event's range; None: the whole inode).
 
         Returns once no guest can serve its old copy.  A pre-content detector
         answers the kernel only after this returns, so the write lands after
@@ -409,14 +456,14 @@ class Coherence:
         await self._after_restart_grace()
         self._host_local_recalls[nodeid] = self._host_local_recalls.get(nodeid, 0) + 1
         try:
-            first, late = await self._modify(nodeid, HOST_LOCAL)
+            first, late, chosen = await self._modify(nodeid, HOST_LOCAL, span=span)
         finally:
             if self._host_local_recalls[nodeid] == 1:
                 del self._host_local_recalls[nodeid]
             else:
                 self._host_local_recalls[nodeid] -= 1
         if first:
-            self.modified(nodeid)
+            self.modified(nodeid, span=chosen)
         if late:
             # The kernel lands the write when it will: recall them at once, and
             # keep them tainted, so that a guest modification that comes next
@@ -479,6 +526,8 @@ class Coherence:
     def try_rearm(self, nodeid: int) -> bool:
         """DIRTY -> CLEAN if flushed and the page cache is clean.  Arm first, then check
         (invariant 4): a write racing us is seen by the detector or by cachestat."""
+        if self.leases.ranged(nodeid):
+            return self._try_rearm_ranges(nodeid)
         if not self.leases.rearm_begin(nodeid):
             return False
         armed = self.detector.arm(nodeid) is not False  # None: a detector that cannot fail
@@ -493,6 +542,35 @@ class Coherence:
         self.detector.disarm(nodeid)
         self._schedule_flush(nodeid)
         return False
+
+
+    def _try_rearm_ranges(self, nodeid: int) -> bool:
+        """Range granularity: each flushed dirty span on its own, the same way:
+        arm (the detector is armed for the whole inode), then cachestat of the
+        span.  Nothing is disarmed when a span stays dirty: the rest of the
+        inode may be leased, and its host writes must still raise events."""
+        spans = self.leases.rearm_candidates(nodeid)
+        if not spans:
+            return False
+        clean: set[Span] = set()
+        if self.detector.arm(nodeid) is not False:
+            try:
+                fd = self.fs.writable_fd(nodeid)
+                for span in spans:
+                    if span == ATTRS:
+                        clean.add(span)  # no pages: flushed is all it needs
+                        continue
+                    offset, length = span.invalidation
+                    if cachestat.cachestat(fd, offset, length).clean:
+                        clean.add(span)
+            except OSError:
+                pass
+        done = self.leases.rearmed(nodeid, clean)
+        self.stats.rearms += len(done)
+        self.stats.rearm_refused += len(spans) - len(done)
+        if len(done) < len(spans):
+            self._schedule_flush(nodeid)
+        return bool(done)
 
 
 async def _all(coroutines) -> None:

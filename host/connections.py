@@ -135,7 +135,7 @@ class Connections:
                 nonce = session.host_nonce = auth.new_nonce()
         session.send(HelloReply(error, wire.PROTOCOL_VERSION, features, cfg.policy,
                                 self.detector.kind, cfg.lease_term_ms, cfg.ttl_ms, max_frame,
-                                guest_id, self.boot_id, nonce))
+                                guest_id, self.boot_id, nonce, self.granularity))
         if error:
             session.transport.close()
         elif cfg.token is None:

@@ -53,7 +53,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import Callable
 
-from protocol.messages import Policy
+from host.ranges import WHOLE, RangeState, Span
+from protocol.messages import Granularity, Policy
 
 
 class InodeState(enum.Enum):
@@ -73,11 +74,17 @@ class Grant:
 @dataclass(frozen=True)
 class Recall:
     """The daemon must invalidate `ino` at every guest in `holders` (generation
-    `generation`) and wait for their ACKs, or fence them, before proceeding."""
+    `generation`) and wait for their ACKs, or fence them, before proceeding.
+
+    Under range granularity only `span` is recalled (its INVALIDATE carries
+    `span.invalidation`), except from the guests in `whole`, which cached
+    unleased replies of pages nobody tracks: they drop the whole inode."""
 
     ino: int
     generation: int
     holders: frozenset[int]
+    span: Span = WHOLE
+    whole: frozenset[int] = frozenset()
 
 
 class _Wait:
@@ -123,6 +130,10 @@ class InodeLeases:
     # and whose cache keeps them anyway until it drops them (a mount's page
     # cache): recalled before the next modification, even in DIRTY.
     tainted: set[int] = field(default_factory=set)
+    # Range granularity (a regular file under clean-lease): its dirty extents,
+    # the span being recalled and the flights; `state` is then derived from
+    # them (RECALLING while a span is recalled, DIRTY while any extent is).
+    ranges: RangeState | None = None
 
 
 HOST_LOCAL = -1  # the "guest id" of writers that do not come through the daemon
@@ -159,8 +170,13 @@ class LeaseTable:
     """
 
     def __init__(self, policy: Policy, *, needs_arming: bool = False,
-                 on_forgotten: Callable[[int], None] | None = None):
+                 on_forgotten: Callable[[int], None] | None = None,
+                 granularity: Granularity = Granularity.INODE):
         self.policy = policy
+        # Range granularity applies to regular files under clean-lease only
+        # (open-lease recalls at open, directories name by name).
+        self.granularity = (granularity if policy is Policy.CLEAN_LEASE
+                            else Granularity.INODE)
         self.needs_arming = needs_arming
         self._inodes: dict[int, InodeLeases] = {}
         # Called with a node id whose entry `forget_inode` let go of (the
@@ -175,18 +191,37 @@ class LeaseTable:
             # A directory has no pre-modification event to arm: its names are
             # recalled one by one (begin_namespace_change), so it counts as armed.
             leases = InodeLeases(is_dir=is_dir, armed=is_dir or not self.needs_arming)
+            if not is_dir and self.granularity is Granularity.RANGE:
+                leases.ranges = RangeState()
             self._inodes[ino] = leases
         elif is_dir and not leases.is_dir:
             # First met by a call that did not know it is a directory: a
             # directory has no pages, so it is never DIRTY.
             leases.is_dir = leases.armed = True
             leases.after_recall = InodeState.CLEAN
+            leases.ranges = None
             if leases.state is InodeState.DIRTY:
                 leases.state = InodeState.CLEAN
         return leases
 
     def peek(self, ino: int) -> InodeLeases | None:
         return self._inodes.get(ino)
+
+    def ranged(self, ino: int) -> bool:
+        """Is `ino` leased range by range (range granularity, a regular file)?"""
+        leases = self._inodes.get(ino)
+        return leases is not None and leases.ranges is not None
+
+    def dirty_covers(self, ino: int, span: Span) -> bool:
+        """Would a modification of `span` of `ino` land with nothing to recall
+        (its pages are dirty already, or the whole inode is)?  Tainted guests
+        aside: `begin_modification` decides."""
+        leases = self._inodes.get(ino)
+        if leases is None:
+            return False
+        if leases.ranges is None:
+            return leases.state is InodeState.DIRTY
+        return leases.ranges.recalling is None and leases.ranges.dirty_covers(span)
 
     def state_of(self, ino: int) -> InodeState:
         leases = self._inodes.get(ino)
@@ -202,17 +237,24 @@ class LeaseTable:
 
     # --- granting ----------------------------------------------------------------
 
-    def grant(self, ino: int, guest: int, *, is_dir: bool = False) -> Grant | None:
+    def grant(self, ino: int, guest: int, *, is_dir: bool = False,
+              span: Span | None = None) -> Grant | None:
         """A guest read `ino` (data, attributes or entries): lease it, if the policy allows.
 
         Returns the Grant (and records `guest` as a holder) or None.  The
         caller must send the reply in the same step as it read the data, so
         that no modification can land between the read and the grant.
+        Under range granularity `span` is the pages a READ reply carries:
+        granted when they are clean, whatever the rest of the inode is; a
+        reply without a span (attributes, an open) only when all of it is.
         """
         if not self.leasing:
             return None
         leases = self.inode(ino, is_dir=is_dir)
-        if leases.state is not InodeState.CLEAN:
+        if leases.ranges is not None:
+            if not (leases.ranges.clean if span is None else leases.ranges.clean_for(span)):
+                return None
+        elif leases.state is not InodeState.CLEAN:
             return None
         if not leases.armed or leases.names_changing or leases.in_flight:
             return None
@@ -243,18 +285,24 @@ class LeaseTable:
 
     # --- modifications -------------------------------------------------------------
 
-    def begin_modification(self, ino: int, writer: int, *,
-                           is_dir: bool = False) -> Recall | _Wait | None:
+    def begin_modification(self, ino: int, writer: int, *, is_dir: bool = False,
+                           span: Span = WHOLE) -> Recall | _Wait | None:
         """`writer` is about to modify the data or attributes of regular inode `ino`.
 
         Returns a Recall the daemon must carry out first (then call
         `recall_finished`), WAIT if a recall is already in progress (wait for
         it, then call again), or None: go ahead.  The writer's own lease ends
         too (it is not in the Recall: it knows what it is doing).
+
+        Under range granularity `span` is what the modification changes
+        (`host.ranges.written_span`, computed in this same step): only it is
+        recalled, and only if some of it is clean; holders keep the rest.
         """
         if not self.leasing:
             return None
         leases = self.inode(ino, is_dir=is_dir)
+        if leases.ranges is not None:
+            return self._begin_range_modification(leases, ino, writer, span)
         if leases.state is InodeState.RECALLING:
             return WAIT
         if self.policy is Policy.OPEN_LEASE:
@@ -284,29 +332,84 @@ class LeaseTable:
         leases.after_recall = next_state
         return Recall(ino, leases.generation, recalled)
 
+    def _begin_range_modification(self, leases: InodeLeases, ino: int, writer: int,
+                                  span: Span) -> Recall | _Wait | None:
+        ranges = leases.ranges
+        others_tainted = leases.tainted - {writer}
+        if ranges.recalling is not None:
+            # One recall at a time per inode.  A modification of pages that are
+            # dirty already and not being recalled needs none: it goes ahead.
+            if (not others_tainted and not ranges.recalling.overlaps(span)
+                    and ranges.dirty_covers(span)):
+                return None
+            return WAIT
+        if ranges.dirty_covers(span):
+            if not others_tainted:
+                return None  # nobody may cache these pages: nothing to send
+            recalled = frozenset()  # only the tainted guests
+        else:
+            recalled = frozenset(leases.holders - {writer})
+        leases.generation += 1
+        whole = frozenset(others_tainted)
+        leases.tainted.clear()
+        ranges.recalling = span
+        leases.rearm_at = None
+        self._derive_state(leases)
+        return Recall(ino, leases.generation, recalled | whole, span, whole)
+
+    @staticmethod
+    def _derive_state(leases: InodeLeases) -> None:
+        ranges = leases.ranges
+        if ranges.recalling is not None:
+            leases.state = InodeState.RECALLING
+        elif ranges.dirty or ranges.flights:
+            leases.state = InodeState.DIRTY
+        else:
+            leases.state = InodeState.CLEAN
+
     def recall_finished(self, ino: int) -> None:
         """Every holder of the Recall has ACKed or been fenced: the modification may land."""
         leases = self.inode(ino)
+        if leases.ranges is not None:
+            if leases.ranges.recalling is not None:
+                leases.ranges.mark_dirty(leases.ranges.recalling, leases.landed)
+                leases.ranges.recalling = None
+            self._derive_state(leases)
+            return
         if leases.state is InodeState.RECALLING:
             leases.state = leases.after_recall
 
-    def modification_begins(self, ino: int) -> None:
+    def modification_begins(self, ino: int, span: Span = WHOLE) -> None:
         """A modification of `ino` may land from now on (its recall is over), and
         will be reported with `modification_landed(ino, begun=True)`.  Until
         then no lease on `ino` is granted and it is not re-armed: the
         modification's system call may be running meanwhile (on a worker
-        thread, or blocked on the inode's lock)."""
-        self.inode(ino).in_flight += 1
+        thread, or blocked on the inode's lock).  Under range granularity
+        only `span` (the one `begin_modification` was given) is held so."""
+        leases = self.inode(ino)
+        leases.in_flight += 1
+        if leases.ranges is not None:
+            leases.ranges.flight_begins(span)
+            self._derive_state(leases)
 
-    def modification_landed(self, ino: int, *, begun: bool = False) -> int:
+    def modification_landed(self, ino: int, *, begun: bool = False, span: Span = WHOLE) -> int:
         """A modification of `ino` has been applied (or failed, or was abandoned:
         the daemon cannot know the file is unchanged); `begun` if it was
-        announced by `modification_begins`.  Returns the count landed so far."""
+        announced by `modification_begins`.  Returns the count landed so far.
+        Under range granularity `span` is the one it was begun with: its
+        extents wait for a flush again (a span not dirty yet becomes dirty:
+        only a span nobody can hold may land unrecalled)."""
         leases = self.inode(ino)
         leases.landed += 1
         if begun and leases.in_flight:
             leases.in_flight -= 1
         leases.rearm_at = None
+        if leases.ranges is not None:
+            if begun:
+                leases.ranges.flight_ends(span)
+            leases.ranges.landed_in(span, leases.landed)
+            self._derive_state(leases)
+            return leases.landed
         if (self.policy is Policy.CLEAN_LEASE and leases.state is InodeState.CLEAN
                 and not leases.is_dir):
             # Only reachable when a modification was reported after the fact
@@ -387,12 +490,35 @@ class LeaseTable:
         return (self.policy is Policy.CLEAN_LEASE and leases is not None
                 and leases.state is InodeState.DIRTY)
 
+    def rearm_candidates(self, ino: int) -> list[Span]:
+        """Range granularity: the dirty spans of `ino` every landed modification
+        of which is flushed and that no modification in flight covers.  The
+        daemon must then arm its detector, check each span with cachestat, and
+        report the clean ones with `rearmed`, with nothing in between that
+        could land a write."""
+        leases = self._inodes.get(ino)
+        if leases is None or leases.ranges is None:
+            return []
+        return leases.ranges.rearm_candidates(leases.flushed)
+
+    def rearmed(self, ino: int, clean: set[Span]) -> list[Span]:
+        """Report the check of `rearm_candidates`: returns the spans that are
+        clean again (granted from now on, on their own)."""
+        leases = self.inode(ino)
+        if leases.ranges is None:
+            return []
+        done = leases.ranges.rearmed(clean)
+        if done:
+            leases.armed = True
+        self._derive_state(leases)
+        return done
+
     def rearm_begin(self, ino: int) -> bool:
         """May `ino` become CLEAN?  True when DIRTY and every landed modification
         is flushed; the daemon must then arm its detector, check cachestat, and
         call `rearm_finish`.  With nothing in between that could land a write."""
         leases = self._inodes.get(ino)
-        if leases is None or self.policy is not Policy.CLEAN_LEASE:
+        if leases is None or self.policy is not Policy.CLEAN_LEASE or leases.ranges is not None:
             return False
         if leases.state is not InodeState.DIRTY or leases.flushed < leases.landed:
             return False

@@ -14,7 +14,7 @@ from host.detectors import make_detector
 from host.server import HostConfig, HostDaemon, budget_for
 from protocol import auth, wire
 from protocol.address import parse_address
-from protocol.messages import Policy
+from protocol.messages import Granularity, Policy
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,6 +43,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ack-timeout", type=int, default=500, metavar="MS",
                         help="how long a write waits for an ACK before the silent guest is "
                              "fenced once its term has run out (default: %(default)s)")
+    parser.add_argument("--granularity", default="range", type=Granularity.from_label,
+                        help="what a recall of a regular file covers under clean-lease: inode "
+                             "(every page and the attributes) or range (only the pages a write "
+                             "changes, and the attributes; guests keep the rest).  Range needs "
+                             "the fanotify detector, or none: under inotify, whose events carry "
+                             "no range, the daemon falls back to inode and says so in READY and "
+                             "in its stats (default: %(default)s)")
     parser.add_argument("--clean-after", type=int, default=20, metavar="MS",
                         help="flush a dirty inode after this much idle time, then re-grant "
                              "leases if clean (default: %(default)s)")
@@ -137,6 +144,7 @@ def config_from(args: argparse.Namespace, environ=os.environ) -> HostConfig:
     return HostConfig(export=export, policy=args.policy, lease_term_ms=args.lease_term,
                       ack_timeout_ms=args.ack_timeout, clean_after_ms=args.clean_after,
                       ttl_ms=args.ttl, max_frame=args.max_frame, token=token,
+                      granularity=args.granularity,
                       handshake_timeout_ms=args.handshake_timeout,
                       max_sessions=args.max_sessions, max_handshakes=args.max_handshakes,
                       handshakes_per_peer=args.handshakes_per_peer,
@@ -175,7 +183,7 @@ async def serve(args: argparse.Namespace) -> int:
         loop.add_signal_handler(signum, stop.set)
     try:
         address = await daemon.start(args.listen)
-        print(f"READY {address} policy={config.policy.label} detector={daemon.detector.label} "
+        print(f"READY {address} policy={config.policy.label} detector={daemon.detector.label} granularity={daemon.granularity.label} "
               f"auth={'token' if config.token else 'none'}", flush=True)
         await stop.wait()
     finally:

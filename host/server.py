@@ -46,6 +46,7 @@ from protocol.codec import UnsupportedOpcode
 from protocol.connection import NEED_DATA
 from protocol.errors import ProtocolError
 from protocol.fuse import Opcode
+from protocol.messages import Detector as DetectorKind
 from protocol.messages import (
     LEASE_NOT_RENEWED,
     NO_LEASE,
@@ -54,10 +55,12 @@ from protocol.messages import (
     ConnectionClosed,
     FsReply,
     FsRequest,
+    Granularity,
     Heartbeat,
     HeartbeatReply,
     Hello,
     LeaseGrant,
+    Policy,
     Purged,
     Witness,
 )
@@ -117,8 +120,9 @@ class HostDaemon(Connections, Coherence, Witnesses):
         self.clock = clock
         self._run_inline = run_blocking
         self.detector = detector or NullDetector()
+        self.granularity = effective_granularity(config, self.detector.kind)
         self.leases = LeaseTable(config.policy, needs_arming=self.detector.needs_arming,
-                                 on_forgotten=self.detector.forget)
+                                 on_forgotten=self.detector.forget, granularity=self.granularity)
         self.fd_budget = budget_for(config)
         self.fs = export_fs(config.export, max_handles_per_owner=self.fd_budget.handles_per_guest,
                            on_forget=self.leases.forget_inode, max_handles=self.fd_budget.handles,
@@ -441,6 +445,7 @@ class HostDaemon(Connections, Coherence, Witnesses):
         d["retries_answered"] = self.replies.answered
         d["policy"] = self.config.policy.label
         d["detector"] = self.detector.label
+        d["granularity"] = self.granularity.label
         d["detector_events"] = self.detector.events
         d["detector_stats"] = self.detector.stats()
         return d
@@ -448,6 +453,18 @@ class HostDaemon(Connections, Coherence, Witnesses):
     def write_stats(self, path: str) -> None:
         with open(path, "w") as f:
             json.dump(self.stats_dict(), f, indent=2)
+
+
+def effective_granularity(config: HostConfig, detector: DetectorKind) -> Granularity:
+    """The granularity the daemon runs with: `config.granularity`, but whole
+    inodes unless the policy is clean-lease and every host-local write is
+    seen before it lands with its range (fanotify) or none is watched for:
+    inotify's IN_MODIFY carries no range and comes after the fact."""
+    if config.policy is not Policy.CLEAN_LEASE:
+        return Granularity.INODE
+    if detector not in (DetectorKind.NONE, DetectorKind.FANOTIFY):
+        return Granularity.INODE
+    return config.granularity
 
 
 def budget_for(config: HostConfig) -> FdBudget:

@@ -17,7 +17,7 @@ from host.leases import term_end
 from host.limits import FlowControl
 from protocol import wire
 from protocol.connection import Connection, Role, State
-from protocol.messages import Policy
+from protocol.messages import Granularity, Policy
 
 
 def printable(text: str, limit: int = 80) -> str:
@@ -44,6 +44,9 @@ class HostConfig:
     lease_term_ms: int = 2000
     ack_timeout_ms: int = 500
     clean_after_ms: int = 20
+    # What an invalidation of a regular file recalls under clean-lease: the
+    # whole inode, or only the pages that change (docs/design.md, "Range granularity").
+    granularity: Granularity = Granularity.RANGE
     ttl_ms: int = 1000
     max_frame: int = wire.DEFAULT_MAX_FRAME
     max_in_flight: int = 256

@@ -45,6 +45,7 @@ from protocol.messages import (
     Getattr,
     Getlk,
     Getxattr,
+    Granularity,
     Heartbeat,
     HeartbeatReply,
     Purge,
@@ -277,6 +278,7 @@ def encode_payload(message: Message) -> tuple[wire.Request, int, bytes]:
             d = dataclasses.asdict(message)
             d["policy"] = int(message.policy)
             d["detector"] = int(message.detector)
+            d["granularity"] = int(message.granularity)
             d["reserved"] = 0
             return wire.Request.HELLO, version | wire.FLAG_REPLY, _build(
                 wire.HelloReplyPayload, d, "HELLO reply")
@@ -524,11 +526,14 @@ def decode_payload(request: int, flags: int, payload: bytes,
             c = _parse(wire.HelloReplyPayload, payload, "HELLO reply")
             try:
                 policy, detector = Policy(c.policy), Detector(c.detector)
+                granularity = Granularity(c.granularity)
             except ValueError:
                 raise RemoteProtocolError(
-                    f"malformed HELLO reply: policy {c.policy} / detector {c.detector}") from None
+                    f"malformed HELLO reply: policy {c.policy} / detector {c.detector} / "
+                    f"granularity {c.granularity}") from None
             return HelloReply(c.error, c.version, c.features, policy, detector, c.lease_term_ms,
-                              c.ttl_ms, c.max_frame, c.guest_id, bytes(c.boot_id), bytes(c.nonce))
+                              c.ttl_ms, c.max_frame, c.guest_id, bytes(c.boot_id), bytes(c.nonce),
+                              granularity)
         c = _parse(wire.HelloPayload, payload, "HELLO")
         return Hello(c.version, c.features, c.max_frame, c.name, bytes(c.client_id))
 

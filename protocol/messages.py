@@ -51,6 +51,24 @@ class Detector(enum.IntEnum):
         return self.name.lower().replace("_", "-")
 
 
+class Granularity(enum.IntEnum):
+    """What one invalidation of a regular file recalls (docs/design.md, "Range granularity")."""
+
+    INODE = 0  # the whole inode: pages and attributes
+    RANGE = 1  # the pages that change (and the attributes); the rest stays cached
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+    @classmethod
+    def from_label(cls, label: str) -> "Granularity":
+        try:
+            return cls[label.upper()]
+        except KeyError:
+            raise ValueError(f"unknown granularity {label!r} (inode | range)") from None
+
+
 # --- handshake ---------------------------------------------------------------
 
 
@@ -84,6 +102,9 @@ class HelloReply:
     # With FEATURE_AUTH in `features`: the host's 16-byte challenge, and the
     # connection is not ready until an AUTH exchange succeeds.  Otherwise zeros.
     nonce: bytes = bytes(16)
+    # What an INVALIDATE of a regular file recalls: under RANGE, a guest keeps
+    # the pages outside its range, and its own writes drop only what they change.
+    granularity: Granularity = Granularity.INODE
 
 
 @dataclass(frozen=True)

@@ -97,7 +97,8 @@ HelloReplyPayload = Struct(
     "features" / Int64ul,
     "policy" / Int8ul,
     "detector" / Int8ul,
-    "reserved" / Int16ul,
+    "granularity" / Int8ul,  # 0 inode, 1 range (was the low byte of a u16 reserved = 0)
+    "reserved" / Int8ul,
     "lease_term_ms" / Int32ul,
     "ttl_ms" / Int32ul,
     "max_frame" / Int32ul,

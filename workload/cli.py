@@ -147,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="host flushes a dirty inode after this idle time (default: %(default)s)")
     sim.add_argument("--detector", default="auto", choices=("auto", "none", "inotify", "fanotify"),
                      help="how the host sees host-local writes (default: %(default)s)")
+    sim.add_argument("--granularity", default="range", choices=("inode", "range"),
+                     help="what a clean-lease recall covers: the whole inode, or only the "
+                          "pages a write changes (the host falls back to inode under inotify, "
+                          "and the report says so; default: %(default)s)")
     sim.add_argument("--json", metavar="PATH", help="write the figures as JSON")
     sim.add_argument("--plot", metavar="PNG", help="plot hit rate and stale reads per policy")
     sim.add_argument("--workdir", metavar="DIR",
@@ -377,7 +381,8 @@ def _simulate(args) -> int:
     opts = SimOptions(workload=args.workload, guests=args.guests, host_writers=args.host_writers,
                       duration=args.duration, seed=args.seed, cache_bytes=args.cache_bytes,
                       lease_term_ms=args.lease_term, ack_timeout_ms=args.ack_timeout,
-                      clean_after_ms=args.clean_after, detector=args.detector, loop=args.loop,
+                      clean_after_ms=args.clean_after, detector=args.detector,
+                      granularity=args.granularity, loop=args.loop,
                       trace=args.trace, keep=args.keep, mount=args.mount, tcp=args.tcp)
     if args.mount:
         from guest.fuse_device import unavailable_reason

@@ -60,6 +60,9 @@ class Row:
     errors: int
     host_write_p50_us: float | None = None
     host_write_p99_us: float | None = None
+    # What the host's recalls covered (its stats; "inode" from hosts before it
+    # was reported): `--granularity`, or inode where the detector forced it.
+    granularity: str = "inode"
 
 
 def summarize(run: PolicyRun) -> Row:
@@ -75,7 +78,8 @@ def summarize(run: PolicyRun) -> Row:
     host_writes = [v for a in run.actors if "reads" not in a for v in a["latencies"]["write_other"]]
     ops = sum(a["ops"] for a in run.actors)
     return Row(
-        policy=run.policy, detector=run.detector, reads=reads, hits=hits, hit_rate=hit_rate,
+        policy=run.policy, detector=run.detector, granularity=run.host.get("granularity", "inode"),
+        reads=reads, hits=hits, hit_rate=hit_rate,
         oracle_hit_rate=orc, hit_over_oracle=(hit_rate / orc) if orc else None,
         stale_reads=run.check.stale_ops, stale_blocks=run.check.stale_reads,
         worst_stale_ms=run.check.worst_stale_age_ns / 1e6,
@@ -156,13 +160,13 @@ def policy_tables(workload: str, rows: list[Row]) -> list[Table]:
 
 
 def markdown_table(workload: str, rows: list[Row]) -> str:
-    head = ("| policy | detector | reads | hit rate | oracle | hit/oracle | stale reads | worst stale ms "
+    head = ("| policy | detector / granularity | reads | hit rate | oracle | hit/oracle | stale reads | worst stale ms "
             "| inval / acks | MB to guests | hit p50/p99 µs | miss p50/p99 µs "
             "| 1st write p50/p99 µs | write p50/p99 µs | ops/s |")
     lines = [f"### {workload}", "", head, "|" + "---|" * 15]
     for r in rows:
         lines.append(
-            f"| {r.policy} | {r.detector} | {r.reads} | {r.hit_rate:.1%} | {r.oracle_hit_rate:.1%} "
+            f"| {r.policy} | {r.detector} / {r.granularity} | {r.reads} | {r.hit_rate:.1%} | {r.oracle_hit_rate:.1%} "
             f"| {_fmt(r.hit_over_oracle, '.2f')} | {r.stale_reads} | {r.worst_stale_ms:.0f} "
             f"| {r.invalidations + r.inval_entries} / {r.acks} | {r.bytes_to_guests / 1e6:.1f} "
             f"| {_fmt(r.read_hit_p50_us)}/{_fmt(r.read_hit_p99_us)} "
@@ -175,11 +179,11 @@ def markdown_table(workload: str, rows: list[Row]) -> str:
 
 def detector_markdown(rows: list[tuple[str, Row]]) -> str:
     """Host-local writers: the same workload and policy under each detector."""
-    lines = ["| workload | policy | detector | hit rate | oracle | stale reads | worst stale ms "
+    lines = ["| workload | policy | detector / granularity | hit rate | oracle | stale reads | worst stale ms "
              "| torn blocks | host write p50/p99 µs |", "|" + "---|" * 9]
     for workload, r in rows:
         lines.append(
-            f"| {workload} | {r.policy} | {r.detector} | {r.hit_rate:.1%} | {r.oracle_hit_rate:.1%} "
+            f"| {workload} | {r.policy} | {r.detector} / {r.granularity} | {r.hit_rate:.1%} | {r.oracle_hit_rate:.1%} "
             f"| {r.stale_reads} | {r.worst_stale_ms:.0f} | {r.corrupt} "
             f"| {_fmt(r.host_write_p50_us, '.0f')}/{_fmt(r.host_write_p99_us, '.0f')} |")
     return "\n".join(lines) + "\n"
@@ -247,4 +251,11 @@ def print_runs(console: Console, runs: list[PolicyRun], per_guest: bool) -> list
             console.print(table)
         detectors = sorted({r.detector for r in rows})
         console.print(f"host-local change detector: {', '.join(detectors)}")
+        granularities = sorted({f"{r.policy} {r.granularity}" for r in rows
+                                if r.policy == "clean-lease"})
+        if granularities:
+            console.print(f"recall granularity: {', '.join(granularities)}"
+                          + (" (inotify carries no range: whole inode)"
+                             if "inotify" in detectors and any("inode" in g for g in granularities)
+                             else ""))
     return rows

@@ -46,6 +46,7 @@ class SimOptions:
     ack_timeout_ms: int = 500
     clean_after_ms: int = 20
     detector: str = "auto"
+    granularity: str = "range"  # the host's --granularity
     loop: str = "uvloop"
     trace: str | None = None
     workdir: str | None = None  # where exports and logs go (a real file system)
@@ -197,6 +198,7 @@ class Simulation:
                      "--policy", self.policy, "--stats", self._host_stats(self.hosts),
                      "--lease-term", str(o.lease_term_ms), "--ack-timeout", str(o.ack_timeout_ms),
                      "--clean-after", str(o.clean_after_ms), "--detector", o.detector,
+                     "--granularity", o.granularity,
                      "--loop", o.loop, *self.token_args),
             os.path.join(self.run_dir, f"host{self.hosts}.err"), stdin=False)
         ready = self.host.wait_for_line("READY", 30)

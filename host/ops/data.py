@@ -8,6 +8,7 @@ it has returned.
 from __future__ import annotations
 
 from host.ops.common import Daemon, Session, caller_of
+from host.ranges import Span, written_span
 from protocol.messages import FsReply, FsRequest, ReadOut, WriteOut
 
 
@@ -17,13 +18,15 @@ async def read(d: Daemon, s: Session, r: FsRequest) -> FsReply:
     nodeid = d.fs.nodeid_of_handle(s.guest_id, op.fh)
     await d.before_unleased_reply(s, nodeid)
     data = d.fs.read(s.guest_id, op.fh, op.offset, min(op.size, limit))
-    return FsReply(r.unique, 0, ReadOut(data), d.lease_for(s, nodeid))
+    return FsReply(r.unique, 0, ReadOut(data),
+                   d.lease_for(s, nodeid, span=Span.of_bytes(op.offset, max(op.size, 1))))
 
 
 async def write(d: Daemon, s: Session, r: FsRequest) -> FsReply:
     op = r.op
     nodeid = d.fs.nodeid_of_handle(s.guest_id, op.fh)
-    async with d.modification(nodeid, s.guest_id) as m:
+    changes = lambda size: written_span(op.offset, len(op.data), size)  # noqa: E731
+    async with d.modification(nodeid, s.guest_id, span=changes) as m:
         write = d.fs.write_call(s.guest_id, op.fh, op.offset, op.data)  # its own dup of the fd
         # On a worker: a host process inside write(2) may hold the inode's lock.  As
         # the caller, on that worker's thread: the host kernel then clears

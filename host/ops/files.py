@@ -14,6 +14,7 @@ from contextlib import AsyncExitStack
 
 from host.backend import TIME_NOW
 from host.ops.common import Daemon, Session, acting_as, caller_of, enter_together, is_dir
+from host.ranges import ATTRS, resized_span
 from protocol.fuse import (
     FATTR_ATIME,
     FATTR_ATIME_NOW,
@@ -37,7 +38,11 @@ async def get_attr(d: Daemon, s: Session, r: FsRequest) -> FsReply:
 async def set_attr(d: Daemon, s: Session, r: FsRequest) -> FsReply:
     op = r.op
     before = d.fs.getattr(s.guest_id, r.nodeid)  # refuse unknown nodeids before recalling
-    async with d.modification(r.nodeid, s.guest_id, is_dir=is_dir(before)):
+    if op.valid & FATTR_SIZE:
+        changes = lambda size: resized_span(op.size, size)  # noqa: E731
+    else:
+        changes = lambda size: ATTRS  # noqa: E731  (mode, owner, times: no page changes)
+    async with d.modification(r.nodeid, s.guest_id, is_dir=is_dir(before), span=changes):
         with acting_as(caller_of(r)):
             st = d.fs.setattr(
                 s.guest_id, r.nodeid,
