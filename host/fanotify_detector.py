@@ -89,8 +89,8 @@ from dataclasses import dataclass
 from host import bindmount, fanotify
 from host.detectors import Detector
 from host.fanotify import Access, PreContentEvent, PreContentGroup, classify, writing_to
+from host.host_write_span import dirty_enough, event_span, positioned_write
 from host.inotify_detector import InotifyDetector
-from host.leases import InodeState
 from host.limits import DETECTOR_EVENT_FDS
 from protocol.messages import Detector as DetectorKind
 
@@ -386,8 +386,11 @@ class FanotifyDetector(Detector):
         st = os.fstat(event.fd)
         key = (st.st_dev, st.st_ino)
         nodeid = self._daemon.fs.inodes.lookup_key(*key)
-        if nodeid is not None and self._daemon.leases.state_of(nodeid) is InodeState.DIRTY:
-            # Nothing is leased: allow it at once, read or write, without asking
+        if nodeid is not None and self._daemon.leases.dirty_covers(
+                nodeid, dirty_enough(event.offset, st.st_size)):
+            # Nothing is leased (under range granularity: nothing from the
+            # event's page, or the end of file, to the end, which is all any
+            # access there can change): allow it at once, read or write, without asking
             # /proc what it is (that costs more than the rest of the event), and
             # remember the thread: no re-arm while it may still be in a write on
             # the inode or its process maps it shared.
@@ -425,7 +428,11 @@ class FanotifyDetector(Detector):
             self._cool(event.fd, key)
             self._answer(event)
             return
-        self._spawn(self._recall_then_allow(event, nodeid, key))
+        span = None
+        if self._daemon.leases.ranged(nodeid):
+            span = event_span(event.offset, event.count,
+                              access is Access.MODIFY and positioned_write(event.pid))
+        self._spawn(self._recall_then_allow(event, nodeid, key, span))
 
     def _spawn(self, coro) -> None:
         task = asyncio.ensure_future(coro)
@@ -439,11 +446,11 @@ class FanotifyDetector(Detector):
             self._answer(event)
 
     async def _recall_then_allow(self, event: PreContentEvent, nodeid: int,
-                                 key: tuple[int, int]) -> None:
+                                 key: tuple[int, int], span=None) -> None:
         try:
             async with self._slots:
                 self.counters["recalls"] += 1
-                await self._daemon.host_local_modify(nodeid)
+                await self._daemon.host_local_modify(nodeid, span)
         except asyncio.CancelledError:
             raise
         except Exception:

@@ -53,7 +53,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Callable
 
-from host.ranges import WHOLE, RangeState, Span
+from host.ranges import ATTRS, WHOLE, RangeState, Span
 from protocol.messages import Granularity, Policy
 
 
@@ -256,11 +256,15 @@ class LeaseTable:
                 return None
         elif leases.state is not InodeState.CLEAN:
             return None
-        if not leases.armed or leases.names_changing or leases.in_flight:
+        if not leases.armed or leases.names_changing:
+            return None
+        if leases.in_flight and leases.ranges is None:  # (ranges: their flights, above)
             return None
         if self.policy is Policy.OPEN_LEASE and any(leases.writers.values()):
             return None
         leases.holders.add(guest)
+        if leases.ranges is not None:
+            leases.ranges.hold(guest, ATTRS if span is None else span)
         return Grant(ino, leases.generation)
 
     def read_while_recalling(self, ino: int) -> frozenset[int]:
@@ -348,7 +352,12 @@ class LeaseTable:
                 return None  # nobody may cache these pages: nothing to send
             recalled = frozenset()  # only the tainted guests
         else:
-            recalled = frozenset(leases.holders - {writer})
+            # Only the holders of some of it (or of the attributes); the others
+            # keep their lease on what they hold.
+            recalled = ranges.recall(span, leases.holders - {writer})
+            ranges.recall(span, {writer} & leases.holders)  # it drops its own copy itself
+            leases.holders -= {guest for guest in recalled | {writer}
+                               if not ranges.holding(guest)}
         leases.generation += 1
         whole = frozenset(others_tainted)
         leases.tainted.clear()
@@ -564,6 +573,8 @@ class LeaseTable:
             if guest in leases.holders:
                 leases.holders.discard(guest)
                 held.append(ino)
+            if leases.ranges is not None:
+                leases.ranges.forget(guest)
             leases.tainted.discard(guest)
             leases.writers.pop(guest, None)
         for ino in held:
@@ -602,6 +613,8 @@ class LeaseTable:
         leases = self._inodes.get(ino)
         if leases is not None:
             leases.holders.discard(guest)
+            if leases.ranges is not None:
+                leases.ranges.forget(guest)
             leases.tainted.discard(guest)
             if leases.gone:
                 self.forget_inode(ino)

@@ -112,6 +112,9 @@ class RangeState:
     dirty: list[Extent] = field(default_factory=list)
     recalling: Span | None = None
     flights: list[Span] = field(default_factory=list)
+    # What each holder was granted (merged spans; ATTRS for the attributes):
+    # a recall goes only to the holders of what it covers.
+    held: dict[int, list[Span]] = field(default_factory=dict)
 
     # --- questions ---------------------------------------------------------------
 
@@ -131,6 +134,60 @@ class RangeState:
     def dirty_covers(self, span: Span) -> bool:
         """Is every page of `span` in one dirty extent (extents are never adjacent)?"""
         return any(extent.span.covers(span) for extent in self.dirty)
+
+    # --- holders ---------------------------------------------------------------------
+
+    def hold(self, guest: int, span: Span) -> None:
+        """`guest` was granted `span` (merged with the data spans it holds;
+        the attributes, ATTRS, are kept apart)."""
+        spans = self.held.setdefault(guest, [])
+        if span.start < 0:
+            if ATTRS not in spans:
+                spans.append(ATTRS)
+            return
+        for other in list(spans):
+            if other.start >= 0 and other.start <= span.end and span.start <= other.end:
+                spans.remove(other)
+                span = span.hull(other)
+        spans.append(span)
+
+    def recall(self, span: Span, guests) -> frozenset[int]:
+        """Of `guests`, those holding any of `span`: they lose it, and the
+        caller recalls them.  Every recall covers the attributes (a data
+        change moves mtime), so each holder of them is recalled.  A guest
+        holding nothing any more is forgotten (`holding` is then False)."""
+        recalled = set()
+        for guest in guests:
+            spans = self.held.get(guest)
+            if spans is None:
+                recalled.add(guest)  # (held before its spans were counted: recall it)
+                continue
+            kept, hit = [], False
+            for s in spans:
+                if s.start < 0:
+                    hit = True  # the attributes
+                elif not s.overlaps(span):
+                    kept.append(s)
+                else:
+                    hit = True
+                    if s.start < span.start:
+                        kept.append(Span(s.start, span.start))
+                    if span.end < s.end:
+                        kept.append(Span(span.end, s.end))
+            if not hit:
+                continue
+            recalled.add(guest)
+            if kept:
+                self.held[guest] = kept
+            else:
+                del self.held[guest]
+        return frozenset(recalled)
+
+    def holding(self, guest: int) -> bool:
+        return guest in self.held
+
+    def forget(self, guest: int) -> None:
+        self.held.pop(guest, None)
 
     # --- changes -------------------------------------------------------------------
 
