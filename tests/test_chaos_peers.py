@@ -455,12 +455,14 @@ def test_no_lease_is_granted_while_a_guest_write_is_still_inside_its_system_call
         w, r, nodeid, fh = await _writer_of_a_dirty_file(address)
         holder = _writer_inside_write(tmp_path, export)
         try:
-            blocked = asyncio.ensure_future(w.call(nodeid, Write(fh, 4096, b"G" * 16)))
+            # Into the page the first write dirtied (range granularity: only it
+            # is dirty, and a read of it is what the write is about to change).
+            blocked = asyncio.ensure_future(w.call(nodeid, Write(fh, 8192 + 32, b"G" * 16)))
             await asyncio.sleep(0)  # one turn of the loop: that task sends its WRITE now
             synced = await asyncio.wait_for(w.call(nodeid, Fsync(fh)), 5.0)
             assert synced.error == 0 and not blocked.done()
             r_node, r_fh = await r.open_file("f.dat", os.O_RDONLY)
-            read = await r.call(r_node, Read(r_fh, 0, 4096))
+            read = await r.call(r_node, Read(r_fh, 8192, 4096))
             granted_while_in_flight = read.lease.granted
         finally:
             holder.tell("RELEASE")

@@ -7,7 +7,8 @@ simulated is the kernel and the detector's bookkeeping, with the decisions
 of host/fanotify_detector.py (`_dispatch`, `arm`):
 
 * every host-local write raises a pre-content event (the mount mark);
-* on an inode no guest knows, or a DIRTY one, the write is let through at
+* on an inode no guest knows, or a DIRTY one (under range granularity: dirty
+  from the write's page or the end of file on), the write is let through at
   once and recorded as in flight (an unknown inode is "possibly written
   unseen" until its next successful arm), except, for an inode no guest
   knows, during a restarted daemon's grace (host/boot.py): it is held until
@@ -27,7 +28,7 @@ import asyncio
 import os
 
 from host.detectors import Detector
-from host.leases import InodeState
+from host.host_write_span import dirty_enough, event_span
 from protocol.messages import Detector as DetectorKind
 
 
@@ -73,10 +74,14 @@ class SimPreContentDetector(Detector):
         except OSError:
             return True
 
-    async def event(self, key: tuple[int, int], host_node) -> bool:
+    async def event(self, key: tuple[int, int], host_node, offset: int = 0, count: int = 0,
+                    size: int = 0) -> bool:
         """A write on inode `key` raised its pre-content event: return when the
         detector lets it through (the write is then in flight: `landed`).
-        True if the kernel let it through because the daemon died meanwhile."""
+        True if the kernel let it through because the daemon died meanwhile.
+        [offset, offset+count) is the event's range (a positioned write, so
+        under range granularity only its span is recalled, as the real
+        detector does: host/host_write_span.py), `size` the file's size."""
         self.events += 1
         daemon = self.daemon
         nodeid = daemon.fs.inodes.lookup_key(*key)
@@ -91,8 +96,9 @@ class SimPreContentDetector(Detector):
             return self.stopped.done()
         if nodeid is None:
             self.unseen.add(key)
-        elif daemon.leases.state_of(nodeid) is not InodeState.DIRTY:
-            recall = host_node.spawn(daemon.host_local_modify(nodeid))
+        elif not daemon.leases.dirty_covers(nodeid, dirty_enough(offset, size)):
+            span = event_span(offset, count, True) if daemon.leases.ranged(nodeid) else None
+            recall = host_node.spawn(daemon.host_local_modify(nodeid, span))
             await asyncio.wait([recall, self.stopped], return_when=asyncio.FIRST_COMPLETED)
             if not recall.done():
                 self.in_flight[key] = self.in_flight.get(key, 0) + 1
@@ -118,7 +124,7 @@ async def host_local_write(detector: SimPreContentDetector, host_node, path: str
     try:
         st = os.fstat(fd)
         key = (st.st_dev, st.st_ino)
-        released = await detector.event(key, host_node)
+        released = await detector.event(key, host_node, offset, len(data), st.st_size)
         try:
             if in_write_s > 0:
                 await asyncio.sleep(in_write_s)
