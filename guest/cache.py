@@ -350,6 +350,17 @@ class GuestCache:
         self._saw_invalidation(nodeid, first, end, generation)
         self.drop_page_span(nodeid, first, end)
 
+    def own_modification_done(self, nodeid: int, generation: int, span: tuple[int, int]) -> None:
+        """The reply to this guest's own modification of `nodeid` carried
+        `generation`: drop what `span` (its `own_write_span`) covers, and
+        refuse every grant older than it, of any page.  The host may have
+        counted more as changed than this guest could tell (a write past an
+        end of file it had not cached), and a READ of those pages it sent
+        before the write may still be on its way; the host does not recall
+        the writer."""
+        self.invalidate_inode(nodeid, generation, *span)
+        self._saw_invalidation(nodeid, -1, END_PAGE, generation)
+
     def own_write_span(self, nodeid: int, offset: int, length: int) -> tuple[int, int]:
         """What this guest's own write of `length` bytes at `offset` makes
         stale in its cache, as an INVALIDATE's (offset, length): everything

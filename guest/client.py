@@ -739,7 +739,7 @@ class GuestClient:
             # grant for an older one (of `span`, what it changed), still on its
             # way to us, must be dropped.
             if reply.lease.ino:
-                self.cache.invalidate_inode(reply.lease.ino, reply.lease.generation, *span)
+                self.cache.own_modification_done(reply.lease.ino, reply.lease.generation, span)
             else:
                 self.cache.forget_own_copy(nodeid)
         else:

@@ -295,6 +295,23 @@ def test_own_writes_drop_their_pages_and_the_cached_end_of_file():
     assert cache.own_write_span(INO, P, 10) == (0, 0)
 
 
+def test_a_grant_sent_before_our_own_write_past_the_end_is_dropped_whatever_its_pages():
+    """The host counts a write past the end as changing everything from the
+    old last page on, which the writer cannot tell if it never cached that
+    page.  A READ of it that the host granted before the write and whose reply
+    arrives after the write's must be dropped (the host does not recall the
+    writer); before the fix it was kept, with the old end of file."""
+    cache = _cache()
+    cache.accept_grant(_grant(1), (0, 2))
+    cache.store_pages(INO, 0, b"a" * (2 * P), 2 * P)  # the file is 3P + 10; page 2 not cached
+    span = cache.own_write_span(INO, 8 * P, 5)  # a hole past the end
+    assert span == (8 * P, P)
+    cache.own_modification_done(INO, 2, span)
+    assert cache.accept_grant(_grant(1), (2, 3)) is False  # READ of the old last page
+    assert cache.read_pages(INO, 0, 2 * P) == b"a" * (2 * P)  # its pages stay
+    assert cache.accept_grant(_grant(2), (2, 3)) is True
+
+
 # --- hypothesis: random interleavings against a model -------------------------------
 
 PAGES = 4
