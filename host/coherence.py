@@ -543,7 +543,6 @@ class Coherence:
         self._schedule_flush(nodeid)
         return False
 
-
     def _try_rearm_ranges(self, nodeid: int) -> bool:
         """Range granularity: each flushed dirty span on its own, the same way:
         arm (the detector is armed for the whole inode), then cachestat of the

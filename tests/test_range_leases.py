@@ -5,7 +5,6 @@ model that checks the invariant on random interleavings."""
 
 from __future__ import annotations
 
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

@@ -241,6 +241,28 @@ def plot(path: str, workload: str, rows: list[Row]) -> None:
     plt.close(fig)
 
 
+def range_markdown(rows: list[tuple[str, str, Row]]) -> str:
+    """clean-lease under inode and range granularity, one line per case: rows
+    come in (inode, range) pairs of the same workload and writers."""
+    lines = ["| workload | writers | hit rate, inode | hit rate, range | oracle | stale reads "
+             "inode / range | invalidations inode / range | MB to guests inode / range "
+             "| host write p50/p99 µs inode / range |",
+             "|" + "---|" * 9]
+    for (name, writers, inode), (_, _, ranged) in zip(rows[::2], rows[1::2]):
+        def host_writes(r: Row) -> str:
+            if r.host_write_p50_us is None:
+                return "-"
+            return f"{_fmt(r.host_write_p50_us, '.0f')}/{_fmt(r.host_write_p99_us, '.0f')}"
+        lines.append(
+            f"| {name} | {writers} | {inode.hit_rate:.1%} ({inode.granularity}) "
+            f"| {ranged.hit_rate:.1%} ({ranged.granularity}) | {ranged.oracle_hit_rate:.1%} "
+            f"| {inode.stale_reads} / {ranged.stale_reads} "
+            f"| {inode.invalidations} / {ranged.invalidations} "
+            f"| {inode.bytes_to_guests / 1e6:.1f} / {ranged.bytes_to_guests / 1e6:.1f} "
+            f"| {host_writes(inode)} / {host_writes(ranged)} |")
+    return "\n".join(lines) + "\n"
+
+
 def print_runs(console: Console, runs: list[PolicyRun], per_guest: bool) -> list[Row]:
     rows = [summarize(run) for run in runs]
     if per_guest:
