@@ -18,6 +18,7 @@ from protocol import codec, fuse, wire
 from protocol.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from protocol.fuse import Opcode
 from protocol.messages import (
+    Granularity,
     Purge,
     Purged,
     Witness,
@@ -940,7 +941,7 @@ def test_docs_protocol_md_examples_are_exact():
     expected = [
         encode(Hello(1, 3, 1 << 20, "g1", bytes(range(16)))),
         encode(HelloReply(0, 1, 3, Policy.CLEAN_LEASE, Detector.FANOTIFY, 1000, 1000, 65536, 7,
-                          BOOT)),
+                          BOOT, granularity=Granularity.RANGE)),
         encode(Auth(GUEST_NONCE, PROOF)),
         encode(AuthReply(0, PROOF)),
         encode(FsRequest(7, 1, Lookup(b"foo"), uid=1000, gid=1000, pid=42)),
