@@ -225,7 +225,7 @@ class Coherence:
 
     @asynccontextmanager
     async def modification(self, nodeid: int, writer: int, *, is_dir: bool = False,
-                           span=None):
+                           span=None, change=None):
         """`async with d.modification(nodeid, writer) as m:` carry out one modification.
 
         `span(size)`, if given, says what the modification changes when the
@@ -245,9 +245,15 @@ class Coherence:
         is unchanged.  An OSError from the body is raised again as a
         FailedModification carrying the trailer (`revoked`) that publishes the
         inode's new generation to the writer.
+
+        First of all it passes the control gate (host/control/holds.py): while
+        an administrator freezes the file, or seals it and `change` (a
+        `holds.Change`, or a callable returning one, called only then; None:
+        anything) may change its layout, it waits there, before any recall.
         """
         await self._after_restart_grace()  # before it can hold readers back (_landing)
-        with self._landing(nodeid):
+        landing = await self.pass_control_gate(nodeid, change, is_dir=is_dir)
+        with self._landing(nodeid, landing):
             first, late, chosen = await self._modify(nodeid, writer, is_dir=is_dir, span=span)
             self.leases.modification_begins(nodeid, chosen)
             try:
@@ -270,10 +276,14 @@ class Coherence:
                 self.modified(nodeid, begun=True, span=chosen)
 
     @contextmanager
-    def _landing(self, nodeid: int):
+    def _landing(self, nodeid: int, landing: list | None = None):
         """While inside, a modification of `nodeid` waits for its recall or is
-        landing: readers held back by `before_unleased_reply` wait for it."""
+        landing: readers held back by `before_unleased_reply` wait for it (and
+        so do a freeze's drain and the next writer a thaw lets go, through
+        `landing`, which receives the future set on exit)."""
         done = asyncio.get_running_loop().create_future()
+        if landing is not None:
+            landing.append(done)
         self._modifying.setdefault(nodeid, set()).add(done)
         try:
             yield

@@ -89,6 +89,7 @@ from dataclasses import dataclass
 from host import bindmount, fanotify
 from host.detectors import Detector
 from host.fanotify import Access, PreContentEvent, PreContentGroup, classify, writing_to
+from host.control.detector_side import DetectorControl
 from host.host_write_span import dirty_enough, event_span, positioned_write
 from host.inotify_detector import InotifyDetector
 from host.limits import DETECTOR_EVENT_FDS
@@ -200,6 +201,7 @@ class FanotifyDetector(Detector):
                              reading_paused=0)
         self._reading_paused = False
         self._no_fd_logged_at = -1e9
+        self.control = DetectorControl(self)
 
     # --- can it run here? ---------------------------------------------------------
 
@@ -253,6 +255,7 @@ class FanotifyDetector(Detector):
         self._group = group
         self._seed_in_flight(os.stat(export).st_dev)
         self._slots = asyncio.Semaphore(MAX_CONCURRENT_RECALLS)
+        self.control.attach()
         asyncio.get_running_loop().add_reader(group.fileno(), self._on_readable)
         log.info("fanotify: %s bound over itself (private) and marked; the daemon's own I/O "
                  "goes through the mount underneath", export)
@@ -386,8 +389,27 @@ class FanotifyDetector(Detector):
         st = os.fstat(event.fd)
         key = (st.st_dev, st.st_ino)
         nodeid = self._daemon.fs.inodes.lookup_key(*key)
-        if nodeid is not None and self._daemon.leases.dirty_covers(
-                nodeid, dirty_enough(event.offset, st.st_size)):
+        dirty = nodeid is not None and self._daemon.leases.dirty_covers(
+            nodeid, dirty_enough(event.offset, st.st_size))
+        if self.control.watches(key):
+            # Held or journaled by an administrator (host/control/): every
+            # modification passes the control gate before it is answered.
+            access = classify(event.pid, event.fd)
+            if not access.may_modify:
+                self.counters["reads"] += 1
+                self._answer(event)
+            elif dirty or nodeid is None:
+                self.counters["modifications"] += 1
+                self._spawn(self._gated_allow(event, key, access))
+            else:
+                self.counters["modifications"] += 1
+                span = None
+                if self._daemon.leases.ranged(nodeid):
+                    span = event_span(event.offset, event.count,
+                                      access is Access.MODIFY and positioned_write(event.pid))
+                self._spawn(self._recall_then_allow(event, nodeid, key, span, access))
+            return
+        if dirty:
             # Nothing is leased (under range granularity: nothing from the
             # event's page, or the end of file, to the end, which is all any
             # access there can change): allow it at once, read or write, without asking
@@ -446,16 +468,36 @@ class FanotifyDetector(Detector):
             self._answer(event)
 
     async def _recall_then_allow(self, event: PreContentEvent, nodeid: int,
-                                 key: tuple[int, int], span=None) -> None:
+                                 key: tuple[int, int], span=None,
+                                 access: Access | None = None) -> None:
         try:
             async with self._slots:
                 self.counters["recalls"] += 1
                 await self._daemon.host_local_modify(nodeid, span)
+            # An administrator may have frozen the file while the recall ran.
+            if self.control.watches(key):
+                await self.control.admit(event, key, access or classify(event.pid, event.fd))
         except asyncio.CancelledError:
             raise
         except Exception:
             self.counters["errors"] += 1
             log.exception("fanotify: recall of node %d failed; allowing the write", nodeid)
+        finally:
+            self._record(key, event.pid)
+            self._answer(event)
+
+    async def _gated_allow(self, event: PreContentEvent, key: tuple[int, int],
+                           access: Access) -> None:
+        """A modification of a file an administrator holds or journals, that
+        needs no recall: through the control gate, then allowed (on every
+        path: an error or a cancellation allows it too)."""
+        try:
+            await self.control.admit(event, key, access)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            self.counters["errors"] += 1
+            log.exception("fanotify: the control gate failed; allowing the write")
         finally:
             self._record(key, event.pid)
             self._answer(event)
@@ -525,7 +567,7 @@ class FanotifyDetector(Detector):
 
     def _cool(self, event_fd: int, key: tuple[int, int]) -> None:
         """An inode no guest knows: stop paying an event per access (ignore mark)."""
-        if key in self._marked or len(self._marked) >= MAX_COOLED:
+        if key in self._marked or len(self._marked) >= MAX_COOLED or self.control.watches(key):
             return
         try:
             self._group.disarm(event_fd)

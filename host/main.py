@@ -10,6 +10,7 @@ import signal
 import sys
 
 from host import kernel_lease, limits
+from host.control.server import ControlServer, control_path_for
 from host.detectors import make_detector
 from host.server import HostConfig, HostDaemon, budget_for
 from protocol import auth, wire
@@ -109,6 +110,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="set RLIMIT_NOFILE's soft limit to N instead of raising it to the "
                              "hard limit, and budget for N (to try the budget on a small "
                              "limit, as Debian's default 1024)")
+    parser.add_argument("--control", metavar="PATH",
+                        help="the control socket for `cleanlease freeze/thaw/seal/mark/changes/"
+                             "backup` (created 0600; default: the guest socket's path + "
+                             "'.control' under unix:, none under tcp:; 'none': no control "
+                             "socket)")
     parser.add_argument("--stats", metavar="PATH", help="write counters as JSON here on exit")
 
 
@@ -181,12 +187,20 @@ async def serve(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    control = None
     try:
         address = await daemon.start(args.listen)
+        control_at = args.control or control_path_for(args.listen)
+        if control_at and control_at != "none":
+            control = ControlServer(daemon)
+            await control.start(control_at)
+            print(f"cleanlease host: control socket {control_at}", file=sys.stderr, flush=True)
         print(f"READY {address} policy={config.policy.label} detector={daemon.detector.label} granularity={daemon.granularity.label} "
               f"auth={'token' if config.token else 'none'}", flush=True)
         await stop.wait()
     finally:
+        if control is not None:
+            await control.close()
         # Answers every pending permission event, releases kernel leases and
         # unmounts the bind, also when start() or the loop fails.
         await daemon.close()

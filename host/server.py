@@ -34,6 +34,7 @@ from host.backend import ExportFS
 from host.detectors import Detector as HostDetector
 from host.detectors import NullDetector
 from host.coherence import Coherence
+from host.control.gate import ControlGate
 from host.connections import Connections
 from host.leases import LeaseTable
 from host.limits import FRAMES_PER_TURN, SMALL_REPLY, FdBudget, PeerGate, ThrottledLog
@@ -100,7 +101,7 @@ class _GuestProtocol(asyncio.Protocol):
             self.session.flow.resume_writing()
 
 
-class HostDaemon(Connections, Coherence, Witnesses):
+class HostDaemon(Connections, Coherence, Witnesses, ControlGate):
     """The daemon's state: the export, the lease table, the sessions."""
 
     def __init__(self, config: HostConfig, detector: HostDetector | None = None, *,
@@ -159,6 +160,7 @@ class HostDaemon(Connections, Coherence, Witnesses):
         self._grace_until = 0.0
         self._tasks: set[asyncio.Task] = set()
         self._server: asyncio.AbstractServer | None = None
+        self.init_control()  # per-file holds and the change journal (host/control/)
 
     # --- listening -------------------------------------------------------------
 

@@ -21,6 +21,11 @@ every guest's copy before it lands; leases come back once the inode is flushed.
   cleanlease host --export DIR --listen tcp::7070 --token-file cl.token
   cleanlease simulate --workload read-mostly --guests 3 --duration 5
   cleanlease simulate --workload host-edit --policies all --plot out.png
+
+An administrator's commands, over the daemon's control socket (docs/seeds.md):
+  cleanlease freeze FILE -- cp FILE /backup/      hold every modification of FILE
+  cleanlease mark FILE; cleanlease changes FILE --since MARK
+  cleanlease backup FILE /backup/FILE --since MARK
 """
 
 
@@ -242,6 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true",
                        help="fewer samples (a smoke run; figures are noisier)")
     bench.set_defaults(func=_bench)
+
+    from host.control import cli as control_cli
+
+    control_cli.add_commands(sub)  # freeze, thaw, flush, seal, unseal, mark, changes, backup
     return parser
 
 

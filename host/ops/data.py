@@ -26,7 +26,8 @@ async def write(d: Daemon, s: Session, r: FsRequest) -> FsReply:
     op = r.op
     nodeid = d.fs.nodeid_of_handle(s.guest_id, op.fh)
     changes = lambda size: written_span(op.offset, len(op.data), size)  # noqa: E731
-    async with d.modification(nodeid, s.guest_id, span=changes) as m:
+    async with d.modification(nodeid, s.guest_id, span=changes, change=lambda: d.data_change(
+            nodeid, op.offset, len(op.data))) as m:
         write = d.fs.write_call(s.guest_id, op.fh, op.offset, op.data)  # its own dup of the fd
         # On a worker: a host process inside write(2) may hold the inode's lock.  As
         # the caller, on that worker's thread: the host kernel then clears

@@ -8,6 +8,7 @@ then clears setuid/setgid as for a write).  LSEEK only reads the layout.
 
 from __future__ import annotations
 
+from host.control.holds import Change
 from host.ops.common import Daemon, Session, acting_as, caller_of
 from protocol.messages import EmptyOut, FsReply, FsRequest, LseekOut, WriteOut
 
@@ -15,7 +16,9 @@ from protocol.messages import EmptyOut, FsReply, FsRequest, LseekOut, WriteOut
 async def fallocate(d: Daemon, s: Session, r: FsRequest) -> FsReply:
     op = r.op
     nodeid = d.fs.nodeid_of_handle(s.guest_id, op.fh)
-    async with d.modification(nodeid, s.guest_id) as m:
+    # Every mode may change the layout (allocate, punch, zero, collapse...).
+    async with d.modification(nodeid, s.guest_id,
+                              change=Change(op.offset, op.offset + op.length, True)) as m:
         with acting_as(caller_of(r)):
             d.fs.fallocate(s.guest_id, op.fh, op.offset, op.length, op.mode)
     return FsReply(r.unique, 0, EmptyOut(), d.revoked(nodeid, m.first))
@@ -33,7 +36,8 @@ async def copy_file_range(d: Daemon, s: Session, r: FsRequest) -> FsReply:
     # One call copies at most what one WRITE may carry: the reply's size says how
     # much, and the kernel asks again for the rest, as for a short write.
     limit = min(s.conn.max_frame, 1 << 30)
-    async with d.modification(nodeid, s.guest_id) as m:
+    async with d.modification(nodeid, s.guest_id, change=lambda: d.data_change(
+            nodeid, op.off_out, min(op.len, limit))) as m:
         with acting_as(caller_of(r)):
             copied = d.fs.copy_file_range(s.guest_id, op.fh_in, op.off_in, op.fh_out,
                                           op.off_out, op.len, op.flags, limit)

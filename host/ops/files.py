@@ -42,7 +42,9 @@ async def set_attr(d: Daemon, s: Session, r: FsRequest) -> FsReply:
         changes = lambda size: resized_span(op.size, size)  # noqa: E731
     else:
         changes = lambda size: ATTRS  # noqa: E731  (mode, owner, times: no page changes)
-    async with d.modification(r.nodeid, s.guest_id, is_dir=is_dir(before), span=changes):
+    new_size = op.size if op.valid & FATTR_SIZE else None
+    async with d.modification(r.nodeid, s.guest_id, is_dir=is_dir(before), span=changes,
+                              change=lambda: d.size_change(r.nodeid, new_size)):
         with acting_as(caller_of(r)):
             st = d.fs.setattr(
                 s.guest_id, r.nodeid,

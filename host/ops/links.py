@@ -8,6 +8,7 @@ Each runs as its caller (host/linux/credentials.py).
 
 from __future__ import annotations
 
+from host.control.holds import METADATA_CHANGE
 from host.ops.common import Daemon, Session, acting_as, caller_of
 from protocol.messages import BytesOut, EmptyOut, FsReply, FsRequest
 
@@ -42,7 +43,7 @@ async def link(d: Daemon, s: Session, r: FsRequest) -> FsReply:
     d.fs.getattr(s.guest_id, r.nodeid)
     d.fs.getattr(s.guest_id, op.oldnodeid)  # refuse unknown nodeids before recalling
     async with d.namespace_change(s.guest_id, (r.nodeid, op.newname)):
-        async with d.modification(op.oldnodeid, s.guest_id):
+        async with d.modification(op.oldnodeid, s.guest_id, change=METADATA_CHANGE):
             with acting_as(caller_of(r)):
                 nodeid, st = d.fs.link(s.guest_id, op.oldnodeid, r.nodeid, op.newname)
     return FsReply(r.unique, 0, d.entry_out(nodeid, st), d.revoked(nodeid))

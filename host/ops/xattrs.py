@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 
+from host.control.holds import METADATA_CHANGE
 from host.ops.common import Daemon, Session, acting_as, caller_of, is_dir
 from protocol.messages import BytesOut, EmptyOut, FsReply, FsRequest
 
@@ -25,7 +26,7 @@ def _fits(s: Session, value: bytes) -> BytesOut:
 async def setxattr(d: Daemon, s: Session, r: FsRequest) -> FsReply:
     op = r.op
     st = d.fs.getattr(s.guest_id, r.nodeid)
-    async with d.modification(r.nodeid, s.guest_id, is_dir=is_dir(st)):
+    async with d.modification(r.nodeid, s.guest_id, is_dir=is_dir(st), change=METADATA_CHANGE):
         with acting_as(caller_of(r)):
             d.fs.setxattr(s.guest_id, r.nodeid, op.name, op.value, op.flags)
     return FsReply(r.unique, 0, EmptyOut(), d.revoked(r.nodeid))
@@ -33,7 +34,7 @@ async def setxattr(d: Daemon, s: Session, r: FsRequest) -> FsReply:
 
 async def removexattr(d: Daemon, s: Session, r: FsRequest) -> FsReply:
     st = d.fs.getattr(s.guest_id, r.nodeid)
-    async with d.modification(r.nodeid, s.guest_id, is_dir=is_dir(st)):
+    async with d.modification(r.nodeid, s.guest_id, is_dir=is_dir(st), change=METADATA_CHANGE):
         with acting_as(caller_of(r)):
             d.fs.removexattr(s.guest_id, r.nodeid, r.op.name)
     return FsReply(r.unique, 0, EmptyOut(), d.revoked(r.nodeid))

@@ -1,0 +1,119 @@
+"""The fanotify detector's side of the control gate (host/control/holds.py).
+
+A host-local modification of a file an administrator holds or journals is
+held in its pre-content event until the gate lets it go, recorded in the
+journal, and only then answered (`FanotifyDetector._gated_allow`,
+`_recall_then_allow`).  A hold's drain waits until every thread the
+detector let write the file before the hold is out of its system call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from host import fanotify
+from host.control.holds import LANDING_TIMEOUT_S
+from host.control.host_writes import host_change
+
+log = logging.getLogger("cleanlease.control")
+
+POLL_S = 0.0005  # how often a released or draining writer's system call is looked at
+DRAIN_TIMEOUT_S = 10.0
+
+
+class DetectorControl:
+    """What the control interface needs of a FanotifyDetector."""
+
+    can_hold_host_writers = True
+    gives_ranges = True
+
+    def __init__(self, detector) -> None:
+        self._detector = detector
+        self.drained = 0
+
+    @property
+    def _daemon(self):
+        return self._detector._daemon
+
+    def attach(self) -> None:
+        """Called once the detector runs: holds wait for its writers too."""
+        self._daemon.holds.drains.append(self.drain)
+
+    def watches(self, key) -> bool:
+        d = self._daemon
+        return bool((d.holds and key in d.holds) or (d.journal and key in d.journal))
+
+    def watch_file(self, fd: int, key) -> None:
+        """An administrator holds or journals `key` (open as `fd`): it must raise
+        events, so its ignore mark (an inode no guest knows) comes off."""
+        det = self._detector
+        if det._group is not None and key in det._marked:
+            det._group.arm(fd)
+            det._marked.discard(key)  # stays in _unseen: it may have been written unseen
+
+    def blind_spots(self, key) -> list[str]:
+        """Writers of `key` this detector cannot hold (and cannot journal)."""
+        if key in self._detector._unmarked_writers:
+            return ["a process had this file open for writing before the daemon placed its "
+                    "mark: its writes through that fd are neither held nor journaled"]
+        return []
+
+    async def admit(self, event, key, access: fanotify.Access) -> None:
+        """Hold `event` (a modification of `key`) while the gate says so, then
+        record it in the journal; the caller answers it."""
+        d = self._daemon
+        if d.restart_grace_left() > 0:
+            await d._after_restart_grace()
+        change = host_change(event.pid, event.fd, access, event.offset, event.count)
+        if access is fanotify.Access.MMAP_WRITE:
+            d.journal.taint(key, "a shared writable mapping was made: its stores raise no event")
+        if self.blind_spots(key):
+            d.journal.taint(key, self.blind_spots(key)[0])
+
+        async def landed() -> None:
+            await self._landed(event, key)
+
+        await d.holds.admit(key, change, landed)
+        if change.data:
+            d.journal.record(key, change.start, change.end)
+
+    async def _landed(self, event, key) -> None:
+        """Once `event` is answered and its thread out of its system call on `key`."""
+        det = self._detector
+        deadline = time.monotonic() + LANDING_TIMEOUT_S
+        while det._unanswered.get(event.fd) is event and time.monotonic() < deadline:
+            await asyncio.sleep(POLL_S)
+        while fanotify.writing_to(event.pid, *key) and time.monotonic() < deadline:
+            await asyncio.sleep(POLL_S)
+
+    async def drain(self, key) -> int:
+        """Wait until every thread let write `key` before now is out of its
+        system call (bounded by DRAIN_TIMEOUT_S); return how many were in one.
+        Threads blocked on an event of ours are not waiting to land: skipped."""
+        det = self._detector
+        blocked = {e.pid for e in det._unanswered.values()}
+        tids = [t for t in det._in_flight.get(key, {}) if t not in blocked]
+        if key in det._unseen:
+            # It carried an ignore mark: threads may write it unrecorded.
+            tids += [tid for tid, _, k in fanotify.modifying_threads(key[0])
+                     if k == key and tid not in blocked and tid not in tids]
+        deadline = time.monotonic() + DRAIN_TIMEOUT_S
+        waited = 0
+        for tid in tids:
+            if not fanotify.writing_to(tid, *key):
+                continue
+            waited += 1
+            while fanotify.writing_to(tid, *key) and not self._blocked_by_us(tid):
+                if time.monotonic() > deadline:
+                    log.warning("a host writer (thread %d) of %s is still inside its system "
+                                "call after %.0f s; the hold goes on without it", tid, key,
+                                DRAIN_TIMEOUT_S)
+                    break
+                await asyncio.sleep(POLL_S)
+        self.drained += waited
+        return waited
+
+    def _blocked_by_us(self, tid: int) -> bool:
+        return any(e.pid == tid for e in self._detector._unanswered.values())
