@@ -21,6 +21,7 @@ log = logging.getLogger("cleanlease.control")
 
 POLL_S = 0.0005  # how often a released or draining writer's system call is looked at
 DRAIN_TIMEOUT_S = 10.0
+SETTLE_S = 0.05
 
 
 class DetectorControl:
@@ -66,7 +67,10 @@ class DetectorControl:
         d = self._daemon
         if d.restart_grace_left() > 0:
             await d._after_restart_grace()
-        change = host_change(event.pid, event.fd, access, event.offset, event.count)
+        access, line = await self._settled(event, access)
+        if not access.may_modify:
+            return  # a read after all: it never waits
+        change = host_change(event.pid, event.fd, access, event.offset, event.count, line)
         if access is fanotify.Access.MMAP_WRITE:
             d.journal.taint(key, "a shared writable mapping was made: its stores raise no event")
         if self.blind_spots(key):
@@ -78,6 +82,27 @@ class DetectorControl:
         await d.holds.admit(key, change, landed)
         if change.data:
             d.journal.record(key, change.start, change.end)
+
+    @staticmethod
+    async def _settled(event, access: fanotify.Access) -> tuple[fanotify.Access, str | None]:
+        """The access and the `/proc/<tid>/syscall` line of a thread blocked on
+        `event`.  Such a thread shows "running" for a moment whenever any event
+        of the group is answered (they all sleep on one wait queue and are all
+        woken), or before it first sleeps: look again, for up to SETTLE_S, so
+        that a read is not held and a write is journaled by its range, not as
+        the whole file.  (access, None) if it never settled."""
+        deadline = time.monotonic() + SETTLE_S
+        while True:
+            line = fanotify.syscall_line(event.pid)
+            if line is not None and not line.startswith("running"):
+                settled = access
+                if settled is fanotify.Access.UNKNOWN:
+                    settled = fanotify.classify(event.pid, event.fd)
+                if settled is not fanotify.Access.UNKNOWN or line.split()[0] == "-1":
+                    return settled, line
+            if line is None or time.monotonic() > deadline:
+                return access, None
+            await asyncio.sleep(POLL_S)
 
     async def _landed(self, event, key) -> None:
         """Once `event` is answered and its thread out of its system call on `key`."""

@@ -58,13 +58,14 @@ def _layout(event_fd: int, start: int, end: int) -> bool:
 
 
 def host_change(tid: int, event_fd: int, access: fanotify.Access,
-                offset: int | None, count: int | None) -> Change:
+                offset: int | None, count: int | None, line: str | None = None) -> Change:
     """The Change the thread `tid`, blocked on a pre-content event whose fd
-    is `event_fd` and range `offset`/`count`, is about to make."""
+    is `event_fd` and range `offset`/`count`, is about to make (`line`: its
+    `/proc/<tid>/syscall`, if already read)."""
     has_range = offset is not None and count is not None
     if access is fanotify.Access.MMAP_WRITE:
         return Change(offset, offset + count, True) if has_range else UNKNOWN_CHANGE
-    fields = (fanotify.syscall_line(tid) or "-1").split()
+    fields = (line or fanotify.syscall_line(tid) or "-1").split()
     try:
         nr = int(fields[0])
         args = [int(a, 16) for a in fields[1:7]]
