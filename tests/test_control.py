@@ -365,3 +365,24 @@ def test_incremental_backup_under_concurrent_writers_equals_the_file_at_the_free
     excess = len(reported - changed) / max(1, len(reported))
     print(f"changed pages {len(changed)}, reported {len(reported)}, excess {excess:.1%}")
     looper.stop()
+
+
+def test_control_golden_bytes():
+    """The examples of docs/protocol.md, section 10, byte for byte."""
+    def frame(text):
+        return bytes.fromhex(text.replace(" ", ""))
+
+    assert cp.encode_request(cp.Freeze(b"/srv/e/f", 1500, seq=1)) == frame(
+        "01010000 09000000 16000000 0100000000000000 dc050000 0800 2f7372762f652f66")
+    assert cp.encode_reply(cp.ControlReply(cp.ControlCode.FREEZE, 1, 0, "", cp.Held(20000, 2))) \
+        == frame("01010000 05000000 1a000000 0100000000000000 00000000 0000 204e000000000000 "
+                 "02000000")
+    assert cp.encode_reply(cp.ControlReply(cp.ControlCode.THAW, 2, -22, "x")) == frame(
+        "02010000 05000000 0f000000 0200000000000000 eaffffff 0100 78")
+    assert cp.encode_request(cp.Changes(b"/srv/e/f", bytes(range(16)), 3, seq=4)) == frame(
+        "05010000 09000000 2a000000 0400000000000000 000102030405060708090a0b0c0d0e0f "
+        "0300000000000000 0800 2f7372762f652f66")
+    assert cp.encode_reply(cp.ControlReply(cp.ControlCode.CHANGES, 4, 0, "", cp.ChangesOut(
+        cp.ChangesStatus.RANGES, 20010, ((16384, 4096),)))) == frame(
+        "05010000 05000000 2b000000 0400000000000000 00000000 0000 00 2a4e000000000000 "
+        "01000000 0040000000000000 0010000000000000")
