@@ -24,6 +24,19 @@ DRAIN_TIMEOUT_S = 10.0
 SETTLE_S = 0.05
 
 
+def _write_calls(tid: int) -> int | None:
+    """The write-like system calls thread `tid` has finished (`syscw` of
+    /proc/<tid>/task/<tid>/io: the thread's own); None if it is gone or that cannot be read."""
+    try:
+        with open(f"/proc/{tid}/task/{tid}/io", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("syscw:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 class DetectorControl:
     """What the control interface needs of a FanotifyDetector."""
 
@@ -33,6 +46,7 @@ class DetectorControl:
     def __init__(self, detector) -> None:
         self._detector = detector
         self.drained = 0
+        self._scan_on_drain: set = set()  # keys whose ignore mark came off: look at /proc once
 
     @property
     def _daemon(self):
@@ -53,6 +67,7 @@ class DetectorControl:
         if det._group is not None and key in det._marked:
             det._group.arm(fd)
             det._marked.discard(key)  # stays in _unseen: it may have been written unseen
+            self._scan_on_drain.add(key)
 
     def blind_spots(self, key) -> list[str]:
         """Writers of `key` this detector cannot hold (and cannot journal)."""
@@ -105,32 +120,50 @@ class DetectorControl:
             await asyncio.sleep(POLL_S)
 
     async def _landed(self, event, key) -> None:
-        """Once `event` is answered and its thread out of its system call on `key`."""
+        """Once `event` is answered and its thread past the system call it
+        was held in (bounded by LANDING_TIMEOUT_S).  Called while `event` is
+        still unanswered (the releaser calls it right as it lets it go)."""
         det = self._detector
+        tid = event.pid
+        writes = _write_calls(tid)
         deadline = time.monotonic() + LANDING_TIMEOUT_S
         while det._unanswered.get(event.fd) is event and time.monotonic() < deadline:
             await asyncio.sleep(POLL_S)
-        while fanotify.writing_to(event.pid, *key) and time.monotonic() < deadline:
+        while not self._past(tid, key, writes) and time.monotonic() < deadline:
             await asyncio.sleep(POLL_S)
 
+    def _past(self, tid: int, key, writes: int | None) -> bool:
+        """Is thread `tid` past the modification of `key` it was in when it
+        had made `writes` write-like calls?  Yes once it has finished another
+        (each write, pwrite, writev, copy_file_range bumps the thread's
+        `syscw` in /proc/<tid>/io when it returns: a CPU-bound writer shows
+        "running" in /proc/<tid>/syscall, which cannot be told from a write
+        still going on), once it is in no write-like call on `key`, once it
+        is blocked on another event of ours, or once it is gone."""
+        now = _write_calls(tid)
+        if now is None or (writes is not None and now != writes):
+            return True
+        return not fanotify.writing_to(tid, *key) or self._blocked_by_us(tid)
+
     async def drain(self, key) -> int:
-        """Wait until every thread let write `key` before now is out of its
-        system call (bounded by DRAIN_TIMEOUT_S); return how many were in one.
-        Threads blocked on an event of ours are not waiting to land: skipped."""
+        """Wait until every thread let write `key` before now is past that
+        write (`_past`; bounded by DRAIN_TIMEOUT_S); return how many were in
+        one.  Threads blocked on an event of ours are not in a write: skipped."""
         det = self._detector
-        blocked = {e.pid for e in det._unanswered.values()}
-        tids = [t for t in det._in_flight.get(key, {}) if t not in blocked]
-        if key in det._unseen:
-            # It carried an ignore mark: threads may write it unrecorded.
+        tids = [t for t in det._in_flight.get(key, {}) if not self._blocked_by_us(t)]
+        if key in self._scan_on_drain:
+            # It carried an ignore mark: threads may be writing it unrecorded.
+            self._scan_on_drain.discard(key)
             tids += [tid for tid, _, k in fanotify.modifying_threads(key[0])
-                     if k == key and tid not in blocked and tid not in tids]
+                     if k == key and tid not in tids and not self._blocked_by_us(tid)]
+        writes = {tid: _write_calls(tid) for tid in tids}
         deadline = time.monotonic() + DRAIN_TIMEOUT_S
         waited = 0
         for tid in tids:
-            if not fanotify.writing_to(tid, *key):
+            if self._past(tid, key, writes[tid]):
                 continue
             waited += 1
-            while fanotify.writing_to(tid, *key) and not self._blocked_by_us(tid):
+            while not self._past(tid, key, writes[tid]):
                 if time.monotonic() > deadline:
                     log.warning("a host writer (thread %d) of %s is still inside its system "
                                 "call after %.0f s; the hold goes on without it", tid, key,
