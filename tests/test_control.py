@@ -24,7 +24,7 @@ from host.control.client import ControlClient, ControlError, parse_mark
 from host.control.journal import EVERYTHING, PAGE, ChangeJournal
 from protocol import control as cp
 from protocol.errors import RemoteProtocolError
-from tests.conftest import Child, wait_until
+from tests.conftest import ROOT, Child, wait_until
 
 WAIT = 15.0
 
@@ -134,13 +134,21 @@ elif op == "fallocate":
     os.posix_fallocate(fd, 0, 65536)
 elif op == "truncate":
     os.truncate(path, 32768)
+elif op == "hole":
+    os.pwrite(fd, b"h" * 100, 512 * 1024)
+elif op == "grow":
+    os.ftruncate(fd, 4 << 20)
+elif op == "punch":
+    from host.linux.fallocate import fallocate, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_KEEP_SIZE
+    fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, 4096)
 print(time.monotonic_ns(), flush=True)
 sys.stdin.read()
 """
 
 
 def _writer(op, path) -> Child:
-    w = Child([sys.executable, "-c", WRITER, op, str(path)], f"writer-{op}")
+    w = Child([sys.executable, "-c", "import sys; sys.path.insert(0, %r)\n" % ROOT + WRITER, op,
+               str(path)], f"writer-{op}")
     assert w.line(WAIT).strip() == "ready"
     return w
 
@@ -386,3 +394,62 @@ def test_control_golden_bytes():
         cp.ChangesStatus.RANGES, 20010, ((16384, 4096),)))) == frame(
         "05010000 05000000 2b000000 0400000000000000 00000000 0000 00 2a4e000000000000 "
         "01000000 0040000000000000 0010000000000000")
+
+
+def test_a_seal_holds_layout_changes_lets_overwrites_go_and_keeps_the_map_still(
+        export, start_host, start_guest):
+    from host.linux.fiemap import data_segments, extents
+
+    _skip_unless_fanotify(export)
+    f = export / "sparse"
+    with open(f, "wb") as out:  # data, a hole, data, a hole to the end
+        out.write(b"d" * 65536)
+        out.seek(1 << 20)
+        out.write(b"d" * 65536)
+        out.truncate(2 << 20)
+        os.fsync(out.fileno())
+    host, address, ctl = _daemon(start_host, export)
+    guest = start_guest(address, "G")
+    guest.do(op="open", path="sparse", mode="rw")
+    fd = os.open(f, os.O_RDONLY)
+
+    def layout():
+        return extents(fd), data_segments(fd), os.fstat(fd).st_size
+
+    before = layout()
+    assert before[1] == [(0, 65536), (1 << 20, (1 << 20) + 65536)]
+    looper = Child([sys.executable, "-c", LOOPER, str(f), "9", "60000"], "looper")
+    assert looper.line(WAIT).strip() == "ready"  # overwrites in place, all along
+    held = []
+    with ControlClient(ctl) as control:
+        control.seal(str(f))
+        over = _writer("pwriteO", f)
+        _go(over)
+        assert int(over.line(WAIT)) > 0  # an overwrite of allocated blocks goes on
+        for op in ("hole", "grow", "punch"):
+            w = _writer(op, f)
+            held.append(w)
+            _go(w)
+            _until_waiting(control, f, len(held), f"the {op} writer to be held")
+        guest.proc.stdin.write(b'{"op": "write", "path": "sparse", "offset": 3000000, '
+                               b'"data": "past the end"}\n')
+        guest.proc.stdin.flush()
+        _until_waiting(control, f, len(held) + 1, "the guest's write past the end to be held")
+        guest.proc.stdin.write(b'{"op": "write", "path": "sparse", "offset": 100, "data": "o"}\n')
+        # (queued behind the held one in the guest; its own overwrite is tested above)
+        guest.proc.stdin.flush()
+        assert layout() == before, "the extent map moved while sealed"
+        assert not select.select([w.proc.stdout for w in held], [], [], 0)[0]
+        assert f.read_bytes()[:4] == b"OOOO"
+        released = control.unseal(str(f))
+        assert released.released == len(held) + 1
+        for w in held:
+            assert int(w.line(WAIT)) > 0
+        assert guest.result(WAIT)["ok"] and guest.result(WAIT)["ok"]
+    looper.proc.stdin.close()
+    assert int(looper.line(WAIT)) > 0
+    after = layout()
+    assert after != before and after[2] == 4 << 20
+    os.close(fd)
+    for c in (over, looper, *held):
+        c.stop()
