@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test results bench chaos soak clean posix dst mutants
+.PHONY: demo test results bench chaos soak clean posix dst mutants seeds
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,14 @@ results: $(STAMP)
 # (docs/reliability.md, "make soak"): about 2.5 minutes; exits 1 if a promise breaks.
 soak: $(STAMP)
 	$(BIN)/python -m benchmarks.soak --duration 8
+
+# Issue 16's figures (docs/seeds.md): freeze latency against busy writers and file size,
+# thaw, full vs incremental backup of a 1 GiB file (1/10/50 % changed), an incremental backup
+# under host-local and guest writers checked byte for byte against a snapshot, and stores
+# through shared mappings.  Needs root and fanotify pre-content events; a few minutes.
+seeds: $(STAMP)
+	mkdir -p build
+	$(BIN)/python -m benchmarks.seeds --size-mib 1024 --json build/seeds.json | tee build/seeds.md
 
 test: $(STAMP) fio-deps
 	$(BIN)/python -m pytest -q

@@ -11,6 +11,7 @@ of one piece each.
 
 from __future__ import annotations
 
+import mmap
 import os
 import random
 import select
@@ -272,6 +273,21 @@ def test_changes_since_a_mark_cover_guest_and_host_writes_and_a_restart_answers_
         assert changes.ranges == ((4096, 8192), (98304, 4096))
         later = control.mark(str(f))
         assert control.changes(str(f), (later.boot_id, later.epoch)).ranges == ()
+        # open(O_TRUNC) raises no event; the write past the new end that follows
+        # changes the gap too: [0, 12288), not only the page written.
+        fd = os.open(f, os.O_WRONLY | os.O_TRUNC)
+        os.pwrite(fd, b"t", 8192)
+        os.close(fd)
+        assert control.changes(str(f), (later.boot_id, later.epoch)).ranges == ((0, 12288),)
+        truncated = control.mark(str(f))
+        # A shared writable mapping made now: its stores are never seen again.
+        fd = os.open(f, os.O_RDWR)
+        mapping = mmap.mmap(fd, 4096)
+        mapping[0:1] = b"m"
+        mapping.close()
+        os.close(fd)
+        assert control.changes(str(f), (truncated.boot_id, truncated.epoch)).status is \
+            cp.ChangesStatus.WHOLE_FILE
         with pytest.raises(ControlError) as refused:
             control.changes(str(export / "nope"), (later.boot_id, later.epoch))
         assert refused.value.errno == 2

@@ -73,13 +73,15 @@ class ControlGate:
         past the end of the file or into a hole (SEEK_HOLE; ext4 counts an
         unwritten extent as a hole, so writing into one is a layout change)."""
         end = offset + length
+        fd = self.fs.writable_fd(nodeid)
         try:
-            hole = os.lseek(self.fs.writable_fd(nodeid), offset, os.SEEK_HOLE)
+            hole = os.lseek(fd, offset, os.SEEK_HOLE)
         except OSError as exc:
             if exc.errno != errno.ENXIO:  # ENXIO: at or past the end
                 raise
             hole = offset
-        return Change(offset, end, hole < end)
+        # Past the end: the gap up to `offset` changes too (it reads as zeros now).
+        return Change(min(offset, os.fstat(fd).st_size), end, hole < end)
 
     def size_change(self, nodeid: int, new_size: int | None) -> Change:
         """A SETATTR: a truncation to `new_size` changes the bytes from the

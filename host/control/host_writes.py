@@ -8,6 +8,9 @@ same while it waits for us) decides:
 
 * pwrite64 / write (not O_APPEND): [offset, offset + count), exact; a layout
   change if it reaches past the end of the file or into a hole (SEEK_HOLE);
+  a write that starts past the end changes the bytes from the end on (the
+  gap reads as zeros: that matters after an `open(O_TRUNC)`, which raises no
+  event);
 * pwritev, writev, pwritev2: the event's range (the iovec's length is in
   the writer's memory), layout as above;
 * an O_APPEND write: from the end of the file on, a layout change;
@@ -83,12 +86,13 @@ def host_change(tid: int, event_fd: int, access: fanotify.Access,
             flags, start = got
             if flags & os.O_APPEND:
                 return Change(_size(event_fd), EVERYTHING, True)
-        return Change(start, start + n, _layout(event_fd, start, start + n))
+        return Change(min(start, _size(event_fd)), start + n, _layout(event_fd, start, start + n))
     if name in ("writev", "pwritev", "pwritev2") and has_range:
         got = _fd_flags_pos(tid, args[0] & 0xFFFFFFFF) if name == "writev" else None
         if got is not None and got[0] & os.O_APPEND:
             return Change(_size(event_fd), EVERYTHING, True)
-        return Change(offset, offset + count, _layout(event_fd, offset, offset + count))
+        return Change(min(offset, _size(event_fd)), offset + count,
+                      _layout(event_fd, offset, offset + count))
     if name in ("truncate", "ftruncate"):
         start = min(args[1], _size(event_fd))  # (path or fd, length)
         return Change(start, EVERYTHING, True)
