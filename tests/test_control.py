@@ -385,7 +385,8 @@ def test_incremental_backup_under_concurrent_writers_equals_the_file_at_the_free
     changed = _pages_differing(snapshots[0], snapshots[1])
     reported = {p for o, n in second.ranges for p in range(o // PAGE, (o + n) // PAGE)}
     assert changed <= reported, "the journal missed changed pages"
-    assert second.bytes_copied <= size // 8 + 40 * 12288
+    # the looper: its eighth and a page past it; each guest write: at most 4 pages
+    assert second.bytes_copied <= size // 8 + 8192 + 40 * 16384
     excess = len(reported - changed) / max(1, len(reported))
     print(f"changed pages {len(changed)}, reported {len(reported)}, excess {excess:.1%}")
     looper.stop()
