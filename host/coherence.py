@@ -276,14 +276,12 @@ class Coherence:
                 self.modified(nodeid, begun=True, span=chosen)
 
     @contextmanager
-    def _landing(self, nodeid: int, landing: list | None = None):
+    def _landing(self, nodeid: int, gate: list | None = None):
         """While inside, a modification of `nodeid` waits for its recall or is
         landing: readers held back by `before_unleased_reply` wait for it (and
-        so do a freeze's drain and the next writer a thaw lets go, through
-        `landing`, which receives the future set on exit)."""
+        so do a freeze's drain and the next writer a thaw lets go: every
+        future in `gate` is set on exit too)."""
         done = asyncio.get_running_loop().create_future()
-        if landing is not None:
-            landing.append(done)
         self._modifying.setdefault(nodeid, set()).add(done)
         try:
             yield
@@ -293,6 +291,9 @@ class Coherence:
             if not landing:
                 del self._modifying[nodeid]
             done.set_result(None)
+            for landed in gate or ():
+                if not landed.done():
+                    landed.set_result(None)
 
     async def _recall_late(self, nodeid: int, guests: frozenset[int]) -> None:
         self.stats.late_recalls += len(guests)

@@ -63,6 +63,9 @@ async def main(address: str, name: str) -> None:
                                        cmd["data"].encode("latin-1"))
                 emit({"ok": True, "size": w.size, "first_dirty": w.first_dirty,
                       "t_reply_ns": time.monotonic_ns()})
+            elif op == "truncate":
+                await client.truncate(handles[cmd["path"]], cmd["size"])
+                emit({"ok": True, "t_reply_ns": time.monotonic_ns()})
             elif op == "fsync":
                 await client.fsync(handles[cmd["path"]])
                 emit({"ok": True})

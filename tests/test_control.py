@@ -11,6 +11,7 @@ of one piece each.
 
 from __future__ import annotations
 
+import json
 import mmap
 import os
 import random
@@ -168,6 +169,8 @@ def test_freeze_holds_every_writer_until_thaw_then_they_land_in_arrival_order(
     host, address, ctl = _daemon(start_host, export)
     guest = start_guest(address, "G")
     guest.do(op="open", path="f", mode="rw")
+    truncator = start_guest(address, "T")
+    truncator.do(op="open", path="f", mode="rw")
     early = _writer("pwrite1", f)  # its fd is opened before the freeze
     writers = [early]
     with ControlClient(ctl) as control:
@@ -186,22 +189,32 @@ def test_freeze_holds_every_writer_until_thaw_then_they_land_in_arrival_order(
         guest.proc.stdin.write(b'{"op": "write", "path": "f", "offset": 12288, "data": "GGGG"}\n')
         guest.proc.stdin.flush()
         _until_waiting(control, f, len(order) + 1, "the guest write to be held")
+        # A guest SETATTR (truncate), held too.
+        truncator.proc.stdin.write(b'{"op": "truncate", "path": "f", "size": 12290}\n')
+        truncator.proc.stdin.flush()
+        _until_waiting(control, f, len(order) + 2, "the guest truncate to be held")
         # Nothing landed, nobody returned, and reads go on.
         assert f.read_bytes() == original
-        assert not select.select([w.proc.stdout for w in writers] + [guest.proc.stdout],
-                                 [], [], 0)[0], "a writer returned while frozen"
+        assert not select.select([w.proc.stdout for w in writers], [], [], 0)[0], \
+            "a host writer returned while frozen"
+        for g in (guest, truncator):  # what they printed: invalidations (recalls) only
+            while select.select([g.proc.stdout], [], [], 0)[0]:
+                line = json.loads(g.line())
+                assert "event" in line, f"a guest's modification returned while frozen: {line}"
         released = control.thaw(str(f))
-        assert released.released == len(order) + 1
+        assert released.released == len(order) + 2
         times = [int(w.line(WAIT)) for w in order]
-        reply = guest.result(WAIT)
-        assert reply["ok"], reply
-        times.append(reply["t_reply_ns"])
-    assert times == sorted(times), "the writers did not land in arrival order"
+        replies = [g.result(WAIT) for g in (guest, truncator)]
+        assert all(r["ok"] for r in replies), replies
+    assert times == sorted(times), "the host writers did not land in arrival order"
+    # The guests' replies may cross on the way; their landing order shows in the
+    # bytes: the truncate to 12290 cut the write of GGGG at 12288, so it came after.
+    assert min(r["t_reply_ns"] for r in replies) > times[-1]
     data = f.read_bytes()
     assert data[:4] == b"2222"  # pwrite2 landed after pwrite1
     assert data[8192:12288] == b"3" * 4096
-    assert data[12288:12292] == b"GGGG"
-    assert len(data) == 32768  # the truncate landed after the fallocate (65536)
+    assert data[12288:] == b"GG"  # the guests' write, then their truncate
+    assert len(data) == 12290  # fallocate (65536), truncate (32768), then the guests' ones
     for w in writers:
         w.stop()
 

@@ -28,8 +28,8 @@ class ControlGate:
         """Wait while a hold of `nodeid`'s file keeps `change` (a Change, a
         callable returning one, or None: anything) from landing; record it in
         the journal.  Returns None when the file is neither held nor
-        journaled, else a list into which the caller puts the future its
-        landing sets (`Coherence._landing`), for the next waiter to wait on.
+        journaled, else a list of futures the caller's landing must set
+        (`Coherence._landing`): the next waiter a thaw lets go waits for it.
         The caller must enter its landing in the step this returns in."""
         if is_dir or not (self.holds or self.journal):
             return None
@@ -45,16 +45,15 @@ class ControlGate:
             except OSError:
                 change = UNKNOWN_CHANGE
         change = change or UNKNOWN_CHANGE
-        landing: list = []
+        done = asyncio.get_running_loop().create_future()
 
         async def landed() -> None:
-            if landing:
-                await asyncio.shield(landing[0])
+            await asyncio.shield(done)
 
         await self.holds.admit(key, change, landed)
         if change.data:
             self.journal.record(key, change.start, change.end)
-        return landing
+        return [done]
 
     async def _drain_guest_modifications(self, key: tuple[int, int]) -> int:
         """Wait for the guest modifications of `key` past the gate now."""
