@@ -225,6 +225,21 @@ for line in sys.stdin:
                          visible_while_frozen=visible, held=held))
     mapper.stdin.close()
     mapper.wait(10)
+    # A new shared writable mapping made while frozen: its mmap() raises an event.
+    c.freeze(f)
+    late = subprocess.Popen([sys.executable, "-c", "import mmap, os, sys; m = mmap.mmap(os.open("
+                             "sys.argv[1], os.O_RDWR), 4096); m[0:1] = b'L'; print('stored', "
+                             "flush=True)", f], stdout=subprocess.PIPE)
+    returned = bool(select.select([late.stdout], [], [], 1.0)[0])
+    with open(f, "rb") as r:
+        visible = r.read(1) == b"L"
+    held = c.status(f).waiting
+    c.thaw(f)
+    late.stdout.readline()
+    late.wait(10)
+    rows.append(dict(page="a new mapping, mmap() called while frozen",
+                     store_returned_while_frozen=returned, visible_while_frozen=visible,
+                     held=held))
     return rows
 
 
