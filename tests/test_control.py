@@ -17,6 +17,7 @@ import os
 import random
 import select
 import signal
+import socket
 import subprocess
 import sys
 
@@ -317,7 +318,21 @@ def test_under_inotify_changes_are_whole_file_and_a_freeze_says_what_it_cannot_h
     f = export / "f"
     f.write_bytes(b"x" * 9000)
     _host, address = start_host(export, "--detector", "inotify")
-    with ControlClient(address[len("unix:"):] + ".control") as control:
+    ctl = address[len("unix:"):] + ".control"
+    assert os.stat(ctl).st_mode & 0o777 == 0o600
+    # Bad input closes that client only; a request for a file outside the export
+    # gets an errno and a sentence.
+    for bad in (b"\x01\x01\x00\x00\x09\x00\x00\x00\x03\x00\x00\x00abc",  # FREEZE, 3 bytes
+                b"\x07\x07\x00\x00\x09\x00\x00\x00\x00\x00\x00\x00"):  # unknown code
+        with socket.socket(socket.AF_UNIX) as raw:
+            raw.connect(ctl)
+            raw.sendall(bad)
+            raw.settimeout(WAIT)
+            assert raw.recv(100) == b""  # closed
+    with ControlClient(ctl) as control:
+        with pytest.raises(ControlError) as outside:
+            control.freeze("/etc/passwd")
+        assert outside.value.errno == 18 and "not inside the export" in str(outside.value)
         mark = control.mark(str(f))
         assert control.changes(str(f), (mark.boot_id, mark.epoch)).status is \
             cp.ChangesStatus.WHOLE_FILE
