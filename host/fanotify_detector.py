@@ -477,6 +477,7 @@ class FanotifyDetector(Detector):
             # An administrator may have frozen the file while the recall ran.
             if self.control.watches(key):
                 await self.control.admit(event, key, access or classify(event.pid, event.fd))
+                await self._recall_if_clean(key)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -493,6 +494,7 @@ class FanotifyDetector(Detector):
         path: an error or a cancellation allows it too)."""
         try:
             await self.control.admit(event, key, access)
+            await self._recall_if_clean(key)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -501,6 +503,15 @@ class FanotifyDetector(Detector):
         finally:
             self._record(key, event.pid)
             self._answer(event)
+
+    async def _recall_if_clean(self, key: tuple[int, int]) -> None:
+        """A write that waited in the control gate: if a guest came to know the
+        inode meanwhile and it is CLEAN (leased), recall before it lands."""
+        nodeid = self._daemon.fs.inodes.lookup_key(*key)
+        if nodeid is not None and self._daemon.leases.state_of(nodeid) is InodeState.CLEAN:
+            async with self._slots:
+                self.counters["recalls"] += 1
+                await self._daemon.host_local_modify(nodeid)
 
     def _seed_in_flight(self, dev: int) -> None:
         """Right after marking: record every thread already inside a write to a

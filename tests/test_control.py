@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -498,3 +499,34 @@ def test_a_seal_holds_layout_changes_lets_overwrites_go_and_keeps_the_map_still(
     os.close(fd)
     for c in (over, looper, *held):
         c.stop()
+
+
+def test_a_host_write_held_by_a_freeze_is_not_served_stale_by_a_lease_granted_meanwhile(
+        export, start_host, start_guest):
+    """While a host write waits in the gate its file must not become CLEAN and
+    leased again (its flush finishes meanwhile): the write lands when let go."""
+    _skip_unless_fanotify(export)
+    f = export / "f"
+    f.write_bytes(b"OLD!" * 50)
+    host, address, ctl = _daemon(start_host, export)
+    g = start_guest(address, "G")
+    g.do(op="open", path="f")
+    g.do(op="read", path="f", size=200)
+    assert g.do(op="read", path="f", size=200)["hit"]  # leased
+    w = _writer("pwriteN", f)
+    with ControlClient(ctl) as control:
+        control.freeze(str(f))
+        _go(w)
+        _until_waiting(control, f, 1, "the writer to be held")
+        # Re-armed after its flush (--clean-after 20 ms), the file would be leased
+        # again within a few reads; it must not be while the write waits.
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            r = g.do(op="read", path="f", size=200)
+            assert not r["hit"], "a lease was granted while a host write waited"
+            assert r["data"].startswith("OLD!")
+        control.thaw(str(f))
+        assert int(w.line(WAIT)) > 0
+    wait_until(lambda: g.do(op="read", path="f", size=200)["data"].startswith("NNNN"), WAIT,
+               "the guest to read the new bytes")
+    w.stop()

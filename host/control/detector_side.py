@@ -94,6 +94,11 @@ class DetectorControl:
         async def landed() -> None:
             await self._landed(event, key)
 
+        if d.holds.must_wait(key, change):
+            # Recorded now, not once answered: while it waits the inode must not
+            # be re-armed (its flush may finish meanwhile), since its write lands
+            # when it is let go, and `arm()` waits for recorded writers.
+            self._detector._record(key, event.pid)
         await d.holds.admit(key, change, landed)
         if change.data:
             d.journal.record(key, change.start, change.end)

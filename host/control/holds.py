@@ -89,9 +89,10 @@ class _FileHold:
         if change.layout and self.count(HoldKind.SEAL):
             return True
         if self.waiting or self.releasing is not None:
-            # Do not overtake those waiting: a layout change queues behind any,
-            # an overwrite only behind overwrites (held by a freeze).
-            return change.layout or any(not w.change.layout for w in self.waiting)
+            # Do not overtake those waiting or still being let go, except that
+            # under a seal an overwrite goes on past the layout changes it holds.
+            return not (not change.layout and self.count(HoldKind.SEAL)
+                        and all(w.change.layout for w in self.waiting))
         return False
 
 
