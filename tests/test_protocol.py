@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol import codec, fuse, wire
+from protocol import codec, control, fuse, wire
 from protocol.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from protocol.fuse import Opcode
 from protocol.messages import (
@@ -958,7 +958,17 @@ def test_docs_protocol_md_examples_are_exact():
         ack(3, wire.Request.INVALIDATE) + ack(4, wire.Request.INVAL_ENTRY),
         encode(Heartbeat(11)) + encode(HeartbeatReply(11))
         + encode(HeartbeatReply(11, -errno.EKEYEXPIRED)),
+        # section 8a
         encode(Witness(7)) + encode(WitnessReply(0)) + encode(WitnessReply(-errno.EACCES))
         + encode(Purge(wire.PURGE_SILENT)) + encode(Purged(wire.PURGED_ASKED, 5)),
+        # section 10, the control socket
+        control.encode_request(control.Freeze(b"/srv/e/f", 1500, seq=1))
+        + control.encode_reply(control.ControlReply(control.ControlCode.FREEZE, 1, 0, "",
+                                                    control.Held(20000, 2)))
+        + control.encode_reply(control.ControlReply(control.ControlCode.THAW, 2, -22, "x"))
+        + control.encode_request(control.Changes(b"/srv/e/f", bytes(range(16)), 3, seq=4))
+        + control.encode_reply(control.ControlReply(
+            control.ControlCode.CHANGES, 4, 0, "", control.ChangesOut(
+                control.ChangesStatus.RANGES, 20010, ((16384, 4096),)))),
     ]
     assert _doc_frames() == expected
