@@ -114,6 +114,7 @@ class HostStats:
     # inode without a lease while its recall ran, and could not be held back
     # (they owed its ACK, or asked by LOOKUP).
     late_recalls: int = 0
+    writes_inside_recall: int = 0  # modifications by a guest owing that recall's ACK
     # host/limits.py: what the budgets did
     output_paused: int = 0  # times a session's output went over its bound (reading paused)
     output_stuck: int = 0  # sessions disconnected for staying over it

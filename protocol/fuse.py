@@ -112,6 +112,7 @@ FUSE_FSYNC_FDATASYNC = 1 << 0
 # fuse_setattr_in.valid: FATTR_KILL_SUIDGID (with FUSE_HANDLE_KILLPRIV_V2)
 FATTR_KILL_SUIDGID = 1 << 11
 # fuse_write_in.write_flags
+FUSE_WRITE_CACHE = 1 << 0  # written back from the page cache (a mapping's dirty pages)
 FUSE_WRITE_KILL_SUIDGID = 1 << 2
 # fuse_open_in.open_flags
 FUSE_OPEN_KILL_SUIDGID = 1 << 0

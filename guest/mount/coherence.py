@@ -206,8 +206,15 @@ class Coherence:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _own_modification(self, nodeid: int, lease: LeaseGrant) -> None:
-        """R5: after our own modification of `nodeid` the kernel may not keep its pages."""
+    async def _own_modification(self, nodeid: int, lease: LeaseGrant, *,
+                                pages: bool = True) -> None:
+        """R5: after our own modification of `nodeid` the kernel may not keep its pages.
+
+        With `pages` false only its attributes are dropped: for a modification
+        the kernel sends while it keeps writeback of the inode's pages from
+        starting (a truncating SETATTR: FUSE_NOWRITE), where a page purge would
+        wait for ever to launder a dirty page of a shared mapping; the kernel
+        drops the truncated pages itself after the reply (R7)."""
         ino = lease.ino or nodeid
         if lease.ino:
             self.cache.invalidate_inode(lease.ino, lease.generation)
@@ -226,7 +233,10 @@ class Coherence:
         if st is not None and (st.may_have_pages or st.reads or st.tainted):
             self.stats.purges += 1
             self._attrs_kept.discard(ino)  # dropped before the reply (a reply meanwhile re-adds)
-            await self._purge(ino)
+            if pages:
+                await self._purge(ino)
+            else:
+                await self._notify("inode", self.dev.notify_inval_inode, ino, -1, 0)
         elif ino in self._attrs_kept:
             # Attributes the kernel may still hold as valid (T1) from before the
             # change, which no recall will reach now: attributes only (offset
@@ -234,6 +244,21 @@ class Coherence:
             # valid again (`_kept`), later modifications need not.
             self._attrs_kept.discard(ino)
             await self._notify("inode", self.dev.notify_inval_inode, ino, -1, 0)
+
+    def _written_back(self, nodeid: int, lease: LeaseGrant) -> None:
+        """R7: a WRITE of the kernel's own dirty pages (FUSE_WRITE_CACHE) was
+        answered: its pages are the newest bytes, so they stay; its attributes
+        (mtime) are dropped, after the reply and without waiting: the kernel
+        may be evicting the inode and waiting for this very reply."""
+        ino = lease.ino or nodeid
+        if lease.ino:
+            self.cache.invalidate_inode(lease.ino, lease.generation)
+        else:
+            self.cache.forget_own_copy(ino)
+        if self.leases:
+            self.stats.writebacks += 1
+            self._attrs_kept.discard(ino)
+            self._notify("inode", self.dev.notify_inval_inode, ino, -1, 0)
 
     # --- lease rules for what the kernel may keep (R3, R4) ---------------------------
 
