@@ -163,6 +163,10 @@ class Session:
         self.closed = False
         self.write_handles: dict[int, int] = {}  # fh -> nodeid, for open-lease
         self.acks: dict[int, asyncio.Future] = {}
+        # SETLKWs waiting (unique -> a future an INTERRUPT resolves), and the
+        # INTERRUPTs that came before the request they name was seen (a few).
+        self.lock_waits: dict[int, asyncio.Future] = {}
+        self.interrupted_early: dict[int, None] = {}
         self._owing: asyncio.Future | None = None  # when_owing
         self.host_nonce = b""  # the AUTH challenge sent in the HELLO reply
         self.handshake_timer: asyncio.TimerHandle | None = None

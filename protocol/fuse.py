@@ -173,6 +173,8 @@ Name = NullTerminated(GreedyBytes, term=b"\x00")
 
 LookupIn = Struct("name" / Name, Terminated)
 ForgetIn = Struct("nlookup" / Int64ul, Terminated)
+# INTERRUPT: fuse_interrupt_in, the `unique` of an earlier request of the same sender
+InterruptIn = Struct("unique" / Int64ul, Terminated)
 GetattrIn = Struct("getattr_flags" / Int32ul, Padding(4), "fh" / Int64ul, Terminated)
 SetattrIn = Struct(
     "valid" / Int32ul,

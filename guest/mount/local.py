@@ -100,11 +100,16 @@ def _empty(m: GuestMount, h, body) -> None:
 
 
 def _interrupt(m: GuestMount, h, body) -> None:
-    # A SETLKW waiting for another owner's lock ends (EINTR: the caller got a
-    # signal); every other request runs to completion and is answered normally.
-    task = m.interruptible.get(InterruptIn.parse(bytes(body[:8])).unique)
-    if task is not None:
-        task.cancel()
+    # A SETLKW waiting for another owner's lock ends (the caller got a signal,
+    # or died): the host ends its wait, and answers EINTR, or 0 if it took the
+    # lock first, which the kernel then releases with the caller's files.  Every
+    # other request runs to completion and is answered normally.
+    target = InterruptIn.parse(bytes(body[:8])).unique
+    waiting = m.lock_waits.get(target)
+    if waiting is not None:
+        m.client.interrupt(*waiting)
+    elif target in m.interruptible:  # its task has not run yet
+        m.interrupted.add(target)
 
 
 def _destroy(m: GuestMount, h, body) -> None:
