@@ -11,6 +11,7 @@ import os
 import stat
 import time
 
+from guest.fuse_device import FUSE_EXPIRE_ONLY, FUSE_EXPIRE_ONLY_MINOR
 from guest.mount.state import NotificationFailed, _Inode
 from protocol import fusefast
 from protocol.fuse import FOPEN_DIRECT_IO, FOPEN_KEEP_CACHE
@@ -75,8 +76,13 @@ class Coherence:
         if isinstance(event, Invalidate):
             future = self._purge(event.ino, event.offset, event.length)
         else:
+            # Expired, not unhashed: the kernel asks (LOOKUP) before it uses the
+            # name again, and a process whose working directory it names keeps a
+            # working getcwd() (unhashed, the directory looks deleted to it).
+            expire = FUSE_EXPIRE_ONLY if self.initialized.result() >= FUSE_EXPIRE_ONLY_MINOR \
+                else 0
             future = self._notify("entry", self.dev.notify_inval_entry, event.parent, event.name,
-                                  0)
+                                  expire)
             # fuse_reverse_inval_entry invalidates the directory's attributes
             # (mtime, size, link count) only if it found the dentry: without
             # one they would stay valid (untimed, under the lease).  Attributes
