@@ -107,10 +107,9 @@ def test_pjdfstest_subset_passes_where_ext4_does():
     if not os.path.isdir(os.path.join(posix.THIRDPARTY, "pjdfstest")):
         pytest.skip(f"pjdfstest is not at {posix.THIRDPARTY}")
     # --detector none: pjdfstest makes no host-local change, so no detector has
-    # anything to see; and the one failure not understood yet (a last `rmdir`
-    # answered ENOENT, three times in loaded runs, never alone: docs/mount.md)
-    # is suspected to come from the inotify detector's after-the-fact recalls of
-    # the daemon's own namespace changes.  `make posix` runs with the default.
+    # anything to see.  (With inotify its echo of the daemon's own changes once
+    # made a last `rmdir` flaky: docs/mount.md, "POSIX", and
+    # tests/test_mount.py::test_a_recalled_name_of_a_working_directory_keeps_it_usable.)
     done = subprocess.run([sys.executable, "-m", "workload.posix", "--subset", "--timeout", "60",
                            "--detector", "none"], capture_output=True, text=True,
                           timeout=600, cwd=ROOT)
