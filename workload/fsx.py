@@ -12,7 +12,8 @@ seeds first as a control.  fsx checks every read, mapped read and the file's
 size against its in-memory model after random reads, writes, mapped writes
 (stores then msync), truncates, fallocate modes, punch hole, zero range and
 copy_file_range; it disables by itself what a file system refuses.  Prints
-one row per run: file system, policy, seed, operations, result, seconds.
+one row per run as it ends: file system, policy, seed, operations, result,
+seconds.
 Needs root and /dev/fuse.  Exit status 0 if every run passed.
 """
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -51,6 +53,9 @@ def run_fsx(directory: str, ops: int, seed: int, label: str, timeout: float,
                 proc.kill()
                 tail.append(f"timed out after {timeout:.0f} s")
                 break
+    except BaseException:
+        proc.kill()  # interrupted (SIGINT, SIGTERM): fsx must not outlive the run
+        raise
     finally:
         proc.wait()
     seconds = time.monotonic() - started
@@ -72,16 +77,26 @@ def main(argv: list[str] | None = None) -> int:
                    help="seconds one run may take before it counts as failed (default: 1800)")
     p.add_argument("--no-ext4", action="store_true", help="skip the plain ext4 control runs")
     args = p.parse_args(argv)
+    # SIGTERM unwinds like SIGINT: each run's host and guest are stopped on the way.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if os.geteuid() != 0:
         p.error("needs root (a raw FUSE mount)")
     posix.ensure_built(FSX)
     rows = []
+    print(f"{'fs':6} {'policy':12} {'seed':>5} {'ops':>8} {'result':7} {'seconds':>8} {'ops/s':>7}",
+          flush=True)
+
+    def row(fs, policy, seed, passed, seconds, tail):
+        rows.append((fs, policy, seed, passed, seconds, tail))
+        print(f"{fs:6} {policy:12} {seed:>5} {args.ops:>8} {'A-OK' if passed else 'FAILED':7} "
+              f"{seconds:>8.1f} {args.ops / seconds:>7.0f}", flush=True)
+
     if not args.no_ext4:
         for seed in args.seeds:
             where = tempfile.mkdtemp(prefix="fsx-ext4.", dir="/tmp")
             try:
-                rows.append(("ext4", "-", seed, *run_fsx(where, args.ops, seed,
-                                                         f"ext4 seed {seed}", args.timeout)))
+                row("ext4", "-", seed, *run_fsx(where, args.ops, seed, f"ext4 seed {seed}",
+                                                args.timeout))
             finally:
                 shutil.rmtree(where, ignore_errors=True)
     for policy in args.policies.split(","):
@@ -89,8 +104,8 @@ def main(argv: list[str] | None = None) -> int:
             base = tempfile.mkdtemp(prefix="fsx-mount.", dir="/tmp")
             mounted = posix.MountedExport(base, policy)
             try:
-                rows.append(("mount", policy, seed, *run_fsx(
-                    mounted.mountpoint, args.ops, seed, f"{policy} seed {seed}", args.timeout)))
+                row("mount", policy, seed, *run_fsx(mounted.mountpoint, args.ops, seed,
+                                                    f"{policy} seed {seed}", args.timeout))
             finally:
                 mounted.close()
                 if not rows[-1][3]:  # keep the daemons' logs of a failed run
@@ -98,10 +113,6 @@ def main(argv: list[str] | None = None) -> int:
                     for what, log in mounted.logs.items():
                         shutil.copy(log, os.path.join(posix.LOGS, f"fsx-{policy}-{seed}-{what}.log"))
                 shutil.rmtree(base, ignore_errors=True)
-    print(f"{'fs':6} {'policy':12} {'seed':>5} {'ops':>8} {'result':7} {'seconds':>8} {'ops/s':>7}")
-    for fs, policy, seed, passed, seconds, _ in rows:
-        print(f"{fs:6} {policy:12} {seed:>5} {args.ops:>8} {'A-OK' if passed else 'FAILED':7} "
-              f"{seconds:>8.1f} {args.ops / seconds:>7.0f}")
     failed = [r for r in rows if not r[3]]
     for fs, policy, seed, _, _, tail in failed:
         print(f"\n{fs} {policy} seed {seed} failed; fsx said:\n{tail}")
