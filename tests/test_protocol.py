@@ -946,6 +946,7 @@ def test_docs_protocol_md_examples_are_exact():
                           BOOT, granularity=Granularity.RANGE)),
         encode(Auth(GUEST_NONCE, PROOF)),
         encode(AuthReply(0, PROOF)),
+        encode(FsRequest(7, 5, Interrupt(3))),
         encode(FsRequest(7, 1, Lookup(b"foo"), uid=1000, gid=1000, pid=42)),
         encode(FsRequest(8, 5, Write(fh=3, offset=4096, data=b"hi"))),
         encode(FsRequest(3, 1, Symlink(b"ln", b"a/b"), uid=1000, gid=1000, pid=42)),
