@@ -79,10 +79,8 @@ class Coherence:
             # Expired, not unhashed: the kernel asks (LOOKUP) before it uses the
             # name again, and a process whose working directory it names keeps a
             # working getcwd() (unhashed, the directory looks deleted to it).
-            expire = FUSE_EXPIRE_ONLY if self.initialized.result() >= FUSE_EXPIRE_ONLY_MINOR \
-                else 0
             future = self._notify("entry", self.dev.notify_inval_entry, event.parent, event.name,
-                                  expire)
+                                  self._expire_only())
             # fuse_reverse_inval_entry invalidates the directory's attributes
             # (mtime, size, link count) only if it found the dentry: without
             # one they would stay valid (untimed, under the lease).  Attributes
@@ -148,15 +146,25 @@ class Coherence:
         future.add_done_callback(done)
         return future
 
+    def _expire_only(self) -> int:
+        """The INVAL_ENTRY flags: FUSE_EXPIRE_ONLY where the kernel has it (the
+        dentry expires, its next use asks the host; unhashed, a directory some
+        process works in would look deleted to it: docs/mount.md, "INVAL_ENTRY
+        and directory locks")."""
+        minor = self.initialized.result() if self.initialized.done() else 0
+        return FUSE_EXPIRE_ONLY if minor >= FUSE_EXPIRE_ONLY_MINOR else 0
+
     def _drop_names(self, parent: int, names: set[bytes]) -> asyncio.Future:
         """Drop the kernel's dentries of `names` in directory `parent`, which were
         valid under its lease (FUSE_NOTIFY_INVAL_ENTRY each, on one notifier
         thread); the future gives (first errno other than 0 and ENOENT, ns)."""
 
+        expire = self._expire_only()
+
         def drop_all() -> int:
             worst = 0
             for name in names:
-                err = self.dev.notify_inval_entry(parent, name, 0)
+                err = self.dev.notify_inval_entry(parent, name, expire)
                 if err not in (0, errno.ENOENT) and not worst:
                     worst = err
             return worst
