@@ -84,34 +84,40 @@ def page(tag: str) -> bytes:
 
 def test_a_recall_that_finds_dirty_mapped_pages_launders_them_without_a_fence(
         export, start_host, mount_guest, mappers):
-    """Guest a stores through its mapping and does not msync; guest b writes
-    another page of the file.  b's write recalls a, whose purge writes the
-    dirty page back (a WRITE from a guest that owes the recall's ACK) before
-    it drops it.  That WRITE must land inside the recall: held until the
-    recall is over it would wait for the ACK that waits for it, and b's write
-    would wait until a is fenced (ack timeout + term: over 12 s here)."""
+    """Guest a stores a whole page through its mapping and does not msync; guest b
+    writes 16 bytes into that page.  b's write recalls a's copy of the page,
+    and a's purge writes the dirty page back (a WRITE from a guest that owes
+    the recall's ACK) before it drops it.  That WRITE must land inside the
+    recall: held until the recall is over it would wait for the ACK that
+    waits for it, and b's write would wait until a is fenced (ack timeout +
+    term: over 12 s here)."""
     (export / "m.bin").write_bytes(page("0") * 2)
+    # Inode granularity: under range granularity a writeback that reaches past
+    # the recalled span (the kernel writes back a large folio whole) still
+    # waits for the recall (docs/mount.md, R8: not done there yet).
     host, address = start_host(export, "--detector", "none", "--lease-term", "6000",
-                               "--ack-timeout", "6000", "--clean-after", "600000")
+                               "--ack-timeout", "6000", "--clean-after", "600000",
+                               "--granularity", "inode")
     a = mount_guest(address, "a")
     b = mount_guest(address, "b")
     mapper = mappers(a.path("m.bin"), 2 * PAGE)
     assert mapper.load(0, 2 * PAGE) == page("0") * 2  # a holds a lease on the pages
     mapper.store(0, page("a"))  # dirty in a's page cache only
-    assert (export / "m.bin").read_bytes()[:PAGE] == page("0")
+    mapper.store(PAGE, page("c"))
+    assert (export / "m.bin").read_bytes() == page("0") * 2
 
     started = time.monotonic()
-    pwrite(b.path("m.bin"), PAGE, page("b"), fsync=False)  # _run's timeout: 10 s
+    pwrite(b.path("m.bin"), 100, b"B" * 16, fsync=False)  # _run's timeout: 10 s
     took = time.monotonic() - started
     assert took < 5, f"b's write waited {took:.1f} s (for a's fence?)"
-    # a's store was laundered by the recall, before b's write landed: not lost.
-    assert (export / "m.bin").read_bytes() == page("a") + page("b")
+    # a's store was laundered by the recall, before b's write landed on it: not lost.
+    mixed = page("a")[:100] + b"B" * 16 + page("a")[116:]
+    assert (export / "m.bin").read_bytes()[:PAGE] == mixed
     assert a.stats()["writebacks"] >= 1
-    # a's mapping lost its pages in the recall and sees b's write; a still serves.
-    assert mapper.load(0, 2 * PAGE) == page("a") + page("b")
-    mapper.store(PAGE, page("c"))
+    # a's mapping lost that page in the recall and sees b's write; a still serves.
+    assert mapper.load(0, PAGE) == mixed
     mapper.msync()
-    assert (export / "m.bin").read_bytes() == page("a") + page("c")
+    assert (export / "m.bin").read_bytes() == mixed + page("c")
 
 
 def test_stores_msync_and_others_writes_stay_coherent(export, start_host, mount_guest,
@@ -147,14 +153,15 @@ def test_stores_msync_and_others_writes_stay_coherent(export, start_host, mount_
         expect[2] = page(f"b{round_}")
         pwrite(b.path("c.bin"), 2 * PAGE, expect[2], fsync=round_ % 2 == 0)
         assert mapper.load(2 * PAGE, PAGE) == expect[2], round_
-        # a stores into page 3 and does not sync; the next writer's recall (the
-        # host's, then b's) writes it back before that write lands.
-        expect[3] = page(f"d{round_}")
-        mapper.store(3 * PAGE, expect[3])
+        # a stores into page 3 and does not sync; the next writer's recall of
+        # that page (the host's, then b's, each writing 16 bytes into it)
+        # writes the store back before that write lands on it.
+        stored = page(f"d{round_}")
+        mapper.store(3 * PAGE, stored)
         writer = host_local_pwrite if round_ % 2 else (
             lambda _path, off, data: pwrite(b.path("c.bin"), off, data, fsync=False))
-        expect[1] = page(f"w{round_}")
-        writer(export / "c.bin", PAGE, expect[1])
+        writer(export / "c.bin", 3 * PAGE + 200, b"w" * 16)
+        expect[3] = stored[:200] + b"w" * 16 + stored[216:]
         assert (export / "c.bin").read_bytes() == b"".join(expect), round_
         assert reader.pread(0, pages * PAGE) == b"".join(expect), round_
         assert mapper.load(0, pages * PAGE) == b"".join(expect), round_
