@@ -32,6 +32,7 @@ from protocol.messages import (
     ConnectionClosed,
     Create,
     Forget,
+    Interrupt,
     FsReply,
     FsRequest,
     Fsync,
@@ -621,6 +622,14 @@ class GuestClient:
             self.cache.clear()
         if session.transport is not None:
             session.transport.close()
+
+    def interrupt(self, nodeid: int, unique: int) -> None:
+        """Tell the host that the caller of our request `unique` (about `nodeid`)
+        gave up on it: a waiting SETLKW then answers EINTR.  No reply."""
+        session = self.session
+        if session is None or session.lost:
+            return  # the request went with its session
+        session.send(FsRequest(self.new_unique(), nodeid, Interrupt(unique)))
 
     def forget(self, nodeid: int, nlookup: int) -> None:
         """Tell the host we dropped `nlookup` references to `nodeid` (FORGET has no reply)."""

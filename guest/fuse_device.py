@@ -48,6 +48,14 @@ FUSE_READDIRPLUS_AUTO = 1 << 14
 FUSE_PARALLEL_DIROPS = 1 << 18
 FUSE_MAX_PAGES = 1 << 22
 FUSE_HANDLE_KILLPRIV_V2 = 1 << 28  # the server clears setuid/setgid (on write, truncate, chown)
+FUSE_INIT_EXT = 1 << 30  # flags2 counts (fuse_init_in/out.flags2: the flags' bits 32-63)
+# flags2 (bit N here is bit 32+N of the 64-bit flags)
+FUSE_DIRECT_IO_ALLOW_MMAP = 1 << (36 - 32)  # a FOPEN_DIRECT_IO file may be mapped shared
+
+# fuse_notify_inval_entry_out.flags (protocol 7.38): only expire the dentry (its
+# next use asks the server: LOOKUP), do not unhash it
+FUSE_EXPIRE_ONLY = 1 << 0
+FUSE_EXPIRE_ONLY_MINOR = 38
 
 # FUSE_GETATTR_FH in fuse_getattr_in.getattr_flags
 FUSE_GETATTR_FH = 1 << 0

@@ -225,7 +225,8 @@ class Coherence:
 
     @asynccontextmanager
     async def modification(self, nodeid: int, writer: int, *, is_dir: bool = False,
-                           span=None, change=None):
+                           span=None, change=None, keeps_pages: bool = False,
+                           under_writeback: bool = False):
         """`async with d.modification(nodeid, writer) as m:` carry out one modification.
 
         `span(size)`, if given, says what the modification changes when the
@@ -233,6 +234,15 @@ class Coherence:
         range granularity it is asked in the step that decides, so no size
         change can come between, and only that span is recalled.  Without
         it the whole inode is.
+
+        `keeps_pages`: the writer's kernel keeps what it writes (a WRITE of its
+        own dirty pages); from the landing on it counts as sent unleased data,
+        recalled before the next modification lands (docs/mount.md, R7).
+        `under_writeback`: the writer's kernel may be laundering pages of
+        `nodeid` for a recall it owes, or holding their writeback back until
+        this is answered (a WRITE of its dirty pages; a truncate, sent under
+        FUSE_NOWRITE): it may then land inside that recall (R8,
+        `_inside_own_recall`).
 
         On entry, waits until no other guest can serve its copy of `nodeid`
         (`_modify`); `m.first` says whether this modification started the
@@ -246,6 +256,10 @@ class Coherence:
         FailedModification carrying the trailer (`revoked`) that publishes the
         inode's new generation to the writer.
 
+        `keeps_pages`: the writer's kernel keeps what it writes (a WRITE of its
+        own dirty pages); from the landing on it counts as sent unleased data,
+        recalled before the next modification lands (docs/mount.md, R7).
+
         First of all it passes the control gate (host/control/holds.py): while
         an administrator freezes the file, or seals it and `change` (a
         `holds.Change`, or a callable returning one, called only then; None:
@@ -254,26 +268,85 @@ class Coherence:
         await self._after_restart_grace()  # before it can hold readers back (_landing)
         landing = await self.pass_control_gate(nodeid, change, is_dir=is_dir)
         with self._landing(nodeid, landing):
-            first, late, chosen = await self._modify(nodeid, writer, is_dir=is_dir, span=span)
-            self.leases.modification_begins(nodeid, chosen)
+            inside = (await self._inside_own_recall(nodeid, writer, span) if under_writeback
+                      else None)
             try:
-                yield Modification(nodeid, first, chosen)
-            except OSError as exc:
-                raise FailedModification(exc, self.revoked(nodeid, first)) from exc
-            else:
-                # Guests that cache unleased replies and were sent `nodeid`
-                # while its recall ran, or while this modification was in
-                # flight, without being held back (`before_unleased_reply`), may
-                # hold the bytes it just replaced: purge them before the writer
-                # learns it is done, and wait for any other such purge still
-                # running (a concurrent modification's), which may cover a
-                # reply sent before this one landed.
-                late |= self.leases.read_while_recalling(nodeid) - {writer}
-                if late:
-                    await self._recall_late(nodeid, late)
-                await self.recaller.running_over(nodeid)
+                if inside is not None:
+                    first, late, chosen = False, frozenset(), inside
+                else:
+                    first, late, chosen = await self._modify(nodeid, writer, is_dir=is_dir,
+                                                             span=span)
+                self.leases.modification_begins(nodeid, chosen)
+                if keeps_pages:
+                    self.leases.unleased(nodeid, writer)
+                try:
+                    yield Modification(nodeid, first, chosen)
+                except OSError as exc:
+                    raise FailedModification(exc, self.revoked(nodeid, first)) from exc
+                else:
+                    # Guests that cache unleased replies and were sent `nodeid`
+                    # while its recall ran, or while this modification was in
+                    # flight, without being held back (`before_unleased_reply`), may
+                    # hold the bytes it just replaced: purge them before the writer
+                    # learns it is done, and wait for any other such purge still
+                    # running (a concurrent modification's), which may cover a
+                    # reply sent before this one landed.  Not inside a recall
+                    # the writer owes: that one ends only after this reply.
+                    taken = self.leases.read_while_recalling(nodeid)
+                    late |= taken - {writer}
+                    if keeps_pages or (inside is not None and writer in taken):
+                        # The writer's kernel may keep what it wrote, or pages
+                        # it read while it owed the recall: recalled next time.
+                        self.leases.unleased(nodeid, writer)
+                    if late:
+                        await self._recall_late(nodeid, late)
+                    if inside is None:
+                        await self.recaller.running_over(nodeid)
+                finally:
+                    self.modified(nodeid, begun=True, span=chosen)
             finally:
-                self.modified(nodeid, begun=True, span=chosen)
+                if inside is not None:
+                    self.recaller.owing_writer_ends(nodeid, writer)
+
+    async def _inside_own_recall(self, nodeid: int, writer: int, span) -> Span | None:
+        """A modification of `nodeid` by `writer`, a guest that owes the ACK of the
+        recall now running on it, lands inside that recall, without waiting
+        for its end: the guest's purge for that ACK may be what sent it (a
+        WRITE laundering dirty pages of a shared mapping; a truncate, under
+        whose FUSE_NOWRITE such a laundering waits), and the recall's end waits
+        for that purge.  It still waits until no other holder can serve its
+        old copy (`Recaller.others_acked`).  Under range granularity only a
+        modification within the span being recalled may (a laundering is:
+        the purge drops only that span); another waits as usual.  Returns
+        the span it lands on if it does so: the caller then lands it with no
+        recall of its own, and must call `owing_writer_ends` on every exit;
+        None otherwise."""
+        if (writer == HOST_LOCAL or self.leases.state_of(nodeid) is not InodeState.RECALLING
+                or not self.recaller.owes(nodeid, writer)):
+            return None
+        chosen = WHOLE
+        if self.leases.ranged(nodeid):
+            recalling = self.leases.peek(nodeid).ranges.recalling
+            chosen = span(self._size_now(nodeid)) if span is not None else WHOLE
+            if recalling is None or not recalling.covers(chosen):
+                return None
+        self.recaller.owing_writer_begins(nodeid, writer)
+        try:
+            await self.recaller.others_acked(nodeid, writer)
+        except BaseException:
+            self.recaller.owing_writer_ends(nodeid, writer)
+            raise
+        if self.recaller.owes(nodeid, writer) and \
+                self.leases.state_of(nodeid) is InodeState.RECALLING:
+            if self.leases.ranged(nodeid):
+                recalling = self.leases.peek(nodeid).ranges.recalling
+                if recalling is None or not recalling.covers(chosen):
+                    self.recaller.owing_writer_ends(nodeid, writer)
+                    return None
+            self.stats.writes_inside_recall += 1
+            return chosen
+        self.recaller.owing_writer_ends(nodeid, writer)  # it ACKed meanwhile: as usual
+        return None
 
     @contextmanager
     def _landing(self, nodeid: int, gate: list | None = None):

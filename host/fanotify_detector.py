@@ -92,6 +92,7 @@ from host.fanotify import Access, PreContentEvent, PreContentGroup, classify, wr
 from host.control.detector_side import DetectorControl
 from host.host_write_span import dirty_enough, event_span, positioned_write
 from host.inotify_detector import InotifyDetector
+from host.leases import InodeState
 from host.limits import DETECTOR_EVENT_FDS
 from protocol.messages import Detector as DetectorKind
 

@@ -21,7 +21,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from host.leases import LeaseTable, Recall
 from host.session import HostConfig, HostStats, Session
@@ -34,11 +34,14 @@ log = logging.getLogger("cleanlease.host")
 
 @dataclass
 class _Running:
-    """A data recall under way: the holders whose ACK it still waits for, and a
-    future that resolves when it is over."""
+    """A data recall under way: the holders whose ACK it still waits for, those
+    whose lost connection it waits out (`departed`), and a future that resolves
+    when it is over."""
 
+    ino: int
     owed: set[int]
     over: asyncio.Future
+    departed: set[int] = field(default_factory=set)
 
 
 class Recaller:
@@ -58,6 +61,10 @@ class Recaller:
         self.departed: dict[int, Session] = {}  # lost connections whose term runs on
         self._next_seq = 1
         self._running: dict[int, list[_Running]] = {}  # inode -> its data recalls now running
+        # inode -> guest -> modifications of it that the guest sent while it owed
+        # the ACK of a recall of it (`writing_while_owing`)
+        self._owing_writers: dict[int, dict[int, int]] = {}
+        self._changed: dict[int, asyncio.Future] = {}  # woken when who is owed changes
 
     def connection_lost(self, session: Session) -> None:
         """`session` (no longer in `sessions`) lost its connection.  Unless its term
@@ -89,6 +96,47 @@ class Recaller:
         a READ of `ino`: such a READ must be answered, not held."""
         return any(guest in recall.owed for recall in self._running.get(ino, ()))
 
+    def _poke(self, ino: int) -> None:
+        changed = self._changed.pop(ino, None)
+        if changed is not None and not changed.done():
+            changed.set_result(None)
+
+    def owing_writer_begins(self, ino: int, guest: int) -> None:
+        """`guest` owes the ACK of a data recall of `ino` and sent a modification
+        of it (a WRITE laundering its kernel's dirty pages, which the purge for
+        that ACK waits for): until `owing_writer_ends`, others' waits for the
+        remaining ACKs (`others_acked`) do not wait for `guest`."""
+        counts = self._owing_writers.setdefault(ino, {})
+        counts[guest] = counts.get(guest, 0) + 1
+        self._poke(ino)
+
+    def owing_writer_ends(self, ino: int, guest: int) -> None:
+        counts = self._owing_writers[ino]
+        counts[guest] -= 1
+        if not counts[guest]:
+            del counts[guest]
+        if not counts:
+            del self._owing_writers[ino]
+        self._poke(ino)
+
+    async def others_acked(self, ino: int, guest: int) -> None:
+        """Return once no data recall of `ino` waits for anybody but `guest` and
+        other owing writers (`owing_writer_begins`): every other holder has
+        ACKed, been fenced, or outlived its term; or once `guest` owes nothing
+        any more.  Two guests that both launder while recalled wait for
+        everyone but each other (docs/mount.md, "Shared writable mappings")."""
+        while self.owes(ino, guest):
+            writing = self._owing_writers.get(ino, {})
+            others = set()
+            for recall in self._running.get(ino, ()):
+                others |= recall.owed | recall.departed
+            if not others - {guest} - writing.keys():
+                return
+            changed = self._changed.get(ino)
+            if changed is None:
+                changed = self._changed[ino] = asyncio.get_running_loop().create_future()
+            await asyncio.shield(changed)
+
     async def running_over(self, ino: int) -> None:
         """Return once every data recall of `ino` running now is over."""
         runs = [r.over for r in self._running.get(ino, ())]
@@ -108,7 +156,7 @@ class Recaller:
         """
         started = int(self.clock() * 1e9)
         self.stats.recalls += 1
-        running = _Running(set(), asyncio.get_running_loop().create_future())
+        running = _Running(recall.ino, set(), asyncio.get_running_loop().create_future())
         if data:
             self._running.setdefault(recall.ino, []).append(running)
         try:
@@ -124,7 +172,8 @@ class Recaller:
                     # (Asked again: it may not have been holding anything to purge
                     # when its connection was lost; a witness fires only once.)
                     self.ask_witness(departed, wire.PURGE_DEPARTED)
-                    waits.append(self._await_term_end(departed))
+                    running.departed.add(guest)
+                    waits.append(self._await_term_end(departed, running))
             await asyncio.gather(*waits)
         finally:
             if data:
@@ -133,6 +182,7 @@ class Recaller:
                 if not runs:
                     del self._running[recall.ino]
                 running.over.set_result(None)
+                self._poke(recall.ino)
             waited = int(self.clock() * 1e9) - started
             self.stats.recall_wait_max_ns = max(self.stats.recall_wait_max_ns, waited)
 
@@ -176,6 +226,7 @@ class Recaller:
                     return
         finally:
             running.owed.discard(session.guest_id)
+            self._poke(running.ino)
         if purged.done():
             return  # Witnesses._purged fenced it
         log.warning("guest %s (%d) did not ACK; fenced after its lease term", session.name,
@@ -184,12 +235,16 @@ class Recaller:
         self.stats.fenced += 1
         self.leases.drop_holder(session.guest_id)
 
-    async def _await_term_end(self, session: Session) -> None:
+    async def _await_term_end(self, session: Session, running: _Running) -> None:
         """A holder whose connection was lost: wait until its term has surely run
         out, or until its witness reports it purged."""
         remaining = session.lease_expiry() - self.clock()
-        if remaining > 0:
-            await _first(session.purged(), timeout=remaining)
+        try:
+            if remaining > 0:
+                await _first(session.purged(), timeout=remaining)
+        finally:
+            running.departed.discard(session.guest_id)
+            self._poke(running.ino)
 
 
 async def _first(*futures: asyncio.Future, timeout: float) -> asyncio.Future | None:

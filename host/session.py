@@ -114,6 +114,7 @@ class HostStats:
     # inode without a lease while its recall ran, and could not be held back
     # (they owed its ACK, or asked by LOOKUP).
     late_recalls: int = 0
+    writes_inside_recall: int = 0  # modifications by a guest owing that recall's ACK
     # host/limits.py: what the budgets did
     output_paused: int = 0  # times a session's output went over its bound (reading paused)
     output_stuck: int = 0  # sessions disconnected for staying over it
@@ -162,6 +163,10 @@ class Session:
         self.closed = False
         self.write_handles: dict[int, int] = {}  # fh -> nodeid, for open-lease
         self.acks: dict[int, asyncio.Future] = {}
+        # SETLKWs waiting (unique -> a future an INTERRUPT resolves), and the
+        # INTERRUPTs that came before the request they name was seen (a few).
+        self.lock_waits: dict[int, asyncio.Future] = {}
+        self.interrupted_early: dict[int, None] = {}
         self._owing: asyncio.Future | None = None  # when_owing
         self.host_nonce = b""  # the AUTH challenge sent in the HELLO reply
         self.handshake_timer: asyncio.TimerHandle | None = None

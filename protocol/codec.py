@@ -38,6 +38,8 @@ from protocol.messages import (
     Fallocate,
     Flush,
     Forget,
+    Interrupt,
+    NO_REPLY_OPCODES,
     FsReply,
     FsRequest,
     Fsync,
@@ -97,6 +99,7 @@ from protocol.messages import (
 REQUEST_BODIES: dict[Opcode, tuple[type, object]] = {
     Opcode.LOOKUP: (Lookup, fuse.LookupIn),
     Opcode.FORGET: (Forget, fuse.ForgetIn),
+    Opcode.INTERRUPT: (Interrupt, fuse.InterruptIn),
     Opcode.GETATTR: (Getattr, fuse.GetattrIn),
     Opcode.SETATTR: (Setattr, fuse.SetattrIn),
     Opcode.MKDIR: (Mkdir, fuse.MkdirIn),
@@ -605,7 +608,7 @@ def _decode_fs_request(flags: int, payload: bytes) -> FsRequest:
                     for name in _fields(cls)})
     else:
         op = _from_container(cls, body)
-    needs_reply = opcode != Opcode.FORGET
+    needs_reply = opcode not in NO_REPLY_OPCODES
     if bool(flags & wire.FLAG_NEED_REPLY) != needs_reply:
         raise RemoteProtocolError(
             f"frame header: NEED_REPLY must be {'set' if needs_reply else 'clear'} for {opcode.name}")

@@ -112,6 +112,7 @@ FUSE_FSYNC_FDATASYNC = 1 << 0
 # fuse_setattr_in.valid: FATTR_KILL_SUIDGID (with FUSE_HANDLE_KILLPRIV_V2)
 FATTR_KILL_SUIDGID = 1 << 11
 # fuse_write_in.write_flags
+FUSE_WRITE_CACHE = 1 << 0  # written back from the page cache (a mapping's dirty pages)
 FUSE_WRITE_KILL_SUIDGID = 1 << 2
 # fuse_open_in.open_flags
 FUSE_OPEN_KILL_SUIDGID = 1 << 0
@@ -172,6 +173,8 @@ Name = NullTerminated(GreedyBytes, term=b"\x00")
 
 LookupIn = Struct("name" / Name, Terminated)
 ForgetIn = Struct("nlookup" / Int64ul, Terminated)
+# INTERRUPT: fuse_interrupt_in, the `unique` of an earlier request of the same sender
+InterruptIn = Struct("unique" / Int64ul, Terminated)
 GetattrIn = Struct("getattr_flags" / Int32ul, Padding(4), "fh" / Int64ul, Terminated)
 SetattrIn = Struct(
     "valid" / Int32ul,

@@ -316,6 +316,19 @@ class Forget:
 
 
 @dataclass(frozen=True)
+class Interrupt:
+    """The caller of the sender's request `unique` gave up on it (a signal): end
+    it if it is still waiting (a SETLKW), which then answers EINTR.  No reply."""
+
+    unique: int
+    opcode = Opcode.INTERRUPT
+
+
+# Requests that get no reply (the frame's NEED_REPLY flag is clear).
+NO_REPLY_OPCODES = frozenset({Opcode.FORGET, Opcode.INTERRUPT})
+
+
+@dataclass(frozen=True)
 class Getattr:
     fh: int = 0
     getattr_flags: int = 0
@@ -602,7 +615,7 @@ class CopyFileRange:
 
 
 FsOp = (
-    Lookup | Forget | Getattr | Setattr | Mkdir | Unlink | Rmdir | Rename | Open | Read
+    Lookup | Forget | Interrupt | Getattr | Setattr | Mkdir | Unlink | Rmdir | Rename | Open | Read
     | Write | Release | Fsync | Flush | Create | Readdir | Readlink | Symlink | Mknod | Link
     | Statfs | Setxattr | Getxattr | Listxattr | Removexattr | Fsyncdir | Fallocate | Rename2
     | Lseek | CopyFileRange | Readdirplus | Getlk | Setlk | Setlkw
@@ -655,7 +668,7 @@ NO_LEASE = LeaseGrant()
 
 @dataclass(frozen=True)
 class FsRequest:
-    """Guest -> host.  `op` decides the opcode; FORGET expects no reply."""
+    """Guest -> host.  `op` decides the opcode; FORGET and INTERRUPT expect no reply."""
 
     unique: int
     nodeid: int
@@ -673,7 +686,7 @@ class FsRequest:
 
     @property
     def needs_reply(self) -> bool:
-        return self.op.opcode != Opcode.FORGET
+        return self.op.opcode not in NO_REPLY_OPCODES
 
 
 @dataclass(frozen=True)

@@ -543,3 +543,43 @@ def test_a_process_stuck_in_exit_on_a_mount_is_seen_and_freed(export, start_host
     finally:
         holder.kill()
         holder.wait()
+
+
+CWD_KEEPER = """
+import os, sys
+os.chdir(sys.argv[1])
+print("IN", flush=True)
+for line in sys.stdin:
+    try:
+        print(os.getcwd(), flush=True)
+    except OSError as exc:
+        print("ERR", exc.errno, flush=True)
+"""
+
+
+def test_a_recalled_name_of_a_working_directory_keeps_it_usable(export, start_host, mount_guest):
+    """A process on mount a works in directory d; mount b renames d away and back,
+    so the host recalls the name d from a (INVAL_ENTRY) before each rename lands.
+    The name is the same directory again, and the process must still be able to
+    ask where it is: with the dentry invalidated (unhashed), getcwd() in it failed
+    with ENOENT, so a shell's `pwd` printed nothing.  That was the pjdfstest
+    subset's flaky last `rmdir` (docs/mount.md, "POSIX"): the inotify detector's
+    echo of the daemon's own mkdir of the test's directory recalled its name
+    from the mount just after the test's shell had entered it; `cdir=$(pwd)`
+    came out empty, and its final `cd $cdir; rmdir n` ran in $HOME."""
+    (export / "d").mkdir()
+    (export / "d" / "f").write_bytes(b"x")
+    _, address = start_host(export, "--detector", "none")
+    a = mount_guest(address, "a")
+    b = mount_guest(address, "b")
+    keeper = Child([sys.executable, "-c", CWD_KEEPER, a.path("d")], "cwd keeper")
+    assert keeper.line(WAIT).strip() == "IN"
+    assert cat(a.path("d/f")) == "x"  # a holds the root's lease: the name d is cached
+    before = a.stats()["inval_entries"]
+    _run(["sh", "-c", f"mv {b.path('d')} {b.path('d2')} && mv {b.path('d2')} {b.path('d')}"])
+    assert a.stats()["inval_entries"] >= before + 1  # recalled before the renames landed
+    keeper.proc.stdin.write(b"\n")
+    keeper.proc.stdin.flush()
+    assert keeper.line(WAIT).strip() == a.path("d")
+    keeper.stop()
+    assert cat(a.path("d/f")) == "x"

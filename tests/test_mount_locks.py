@@ -8,8 +8,10 @@ from __future__ import annotations
 import fcntl
 import os
 import signal
+import struct
 import sys
 import tempfile
+import time
 
 import pytest
 
@@ -114,4 +116,74 @@ def test_a_guest_that_dies_loses_its_locks(export, mounts):
     a.child.proc.send_signal(signal.SIGKILL)  # the guest (its mount), not the application
     wait_until(lambda: _host_local_try(export / "f") == "GOT", 20,
                "the dead guest's lock to be released")
+    holder.proc.kill()
+
+
+GIVES_UP = """
+import fcntl, os, signal, sys
+class GaveUp(Exception):
+    pass
+def give_up(*_):
+    raise GaveUp()  # so that fcntl is not retried after EINTR (PEP 475)
+signal.signal(signal.SIGUSR1, give_up)
+fd = os.open(sys.argv[1], os.O_RDWR)
+print("WAITING", flush=True)
+try:
+    fcntl.lockf(fd, fcntl.LOCK_EX, 100, 0)
+    print("GOT", flush=True)
+except GaveUp:
+    print("GAVE UP", flush=True)
+sys.stdin.readline()  # the file stays open: a lock its owner took would stay too
+"""
+
+
+def _waits_in_fuse(pid: int) -> bool:
+    """The process sleeps in the kernel waiting for a FUSE answer (its request
+    was queued to the mount)."""
+    try:
+        with open(f"/proc/{pid}/wchan") as f:
+            return f.read().strip() in ("request_wait_answer", "fuse_simple_request")
+    except OSError:
+        return False
+
+
+def _host_local_getlk(path) -> int:
+    """The type of the first lock on bytes 0..99 of `path`, as a host process
+    sees it (F_UNLCK: none)."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        got = fcntl.fcntl(fd, fcntl.F_OFD_GETLK,
+                          struct.pack("hhqqi4x", fcntl.F_WRLCK, 0, 0, 100, 0))
+        return struct.unpack("hhqqi4x", got)[0]
+    finally:
+        os.close(fd)
+
+
+def test_a_setlkw_whose_caller_gave_up_ends_on_the_host(export, mounts):
+    """A process on mount b waits for a lock held on mount a, and gives up (a
+    signal: the kernel sends INTERRUPT).  Its wait must end on the host too:
+    before, the host went on trying, and once the holder let go it took the
+    lock for the process that had given up, which then held it, unknowing,
+    until it closed the file.  After the holder lets go, nobody may hold it."""
+    a, b = mounts
+    holder = Child([sys.executable, "-c", HOLD, a.path("f"), "posix", str(export / "m")],
+                   "holder")
+    assert holder.line(20).strip() == "LOCKED"
+    waiter = Child([sys.executable, "-c", GIVES_UP, b.path("f")], "waiter")
+    assert waiter.line(20).strip() == "WAITING"
+    wait_until(lambda: _waits_in_fuse(waiter.proc.pid), 20, "the waiter's SETLKW on the mount")
+    wait_until(lambda: b.stats().get("lock_waits") == 1, 20, "the SETLKW to reach the host")
+    waiter.proc.send_signal(signal.SIGUSR1)
+    assert waiter.line(20).strip() == "GAVE UP"
+    assert b.stats()["lock_waits"] == 0
+    holder.proc.stdin.write(b"\n")
+    holder.proc.stdin.flush()
+    assert holder.line(20).strip() == "DONE"  # its close released the lock
+    # A SETLKW still waiting on the host would take it within its 50 ms retry.
+    deadline = time.monotonic() + 0.5
+    while time.monotonic() < deadline:
+        assert _host_local_getlk(export / "f") == fcntl.F_UNLCK, "the lock was taken"
+        time.sleep(0.02)
+    assert _try(a.path("f"), "posix") == "GOT"
+    waiter.proc.kill()
     holder.proc.kill()

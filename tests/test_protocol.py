@@ -43,6 +43,7 @@ from protocol.messages import (
     Fallocate,
     Flush,
     Forget,
+    Interrupt,
     FsReply,
     FsRequest,
     Fsync,
@@ -142,6 +143,7 @@ _read_fields = dict(fh=u64, offset=u64, size=u32, read_flags=u32, lock_owner=u64
 OP_STRATEGIES = {
     Opcode.LOOKUP: st.builds(Lookup, name=names),
     Opcode.FORGET: st.builds(Forget, nlookup=u64),
+    Opcode.INTERRUPT: st.builds(Interrupt, unique=u64),
     Opcode.GETATTR: st.builds(Getattr, fh=u64, getattr_flags=u32),
     Opcode.SETATTR: st.builds(
         Setattr, valid=u32, fh=u64, size=u64, atime=u64, mtime=u64, ctime=u64, atimensec=u32,
@@ -296,7 +298,7 @@ def test_fs_request_round_trip(opcode, data):
     raw = encode(msg)
     assert decode(raw) == msg
     flags = struct.unpack_from("<I", raw, 4)[0]
-    assert flags == (1 | (0 if opcode == Opcode.FORGET else 8))
+    assert flags == (1 | (0 if opcode in (Opcode.FORGET, Opcode.INTERRUPT) else 8))
 
 
 @pytest.mark.parametrize("opcode", list(codec.REPLY_BODIES), ids=lambda o: o.name)
@@ -944,6 +946,7 @@ def test_docs_protocol_md_examples_are_exact():
                           BOOT, granularity=Granularity.RANGE)),
         encode(Auth(GUEST_NONCE, PROOF)),
         encode(AuthReply(0, PROOF)),
+        encode(FsRequest(7, 5, Interrupt(3))),
         encode(FsRequest(7, 1, Lookup(b"foo"), uid=1000, gid=1000, pid=42)),
         encode(FsRequest(8, 5, Write(fh=3, offset=4096, data=b"hi"))),
         encode(FsRequest(3, 1, Symlink(b"ln", b"a/b"), uid=1000, gid=1000, pid=42)),
@@ -972,3 +975,15 @@ def test_docs_protocol_md_examples_are_exact():
                 control.ChangesStatus.RANGES, 20010, ((16384, 4096),)))),
     ]
     assert _doc_frames() == expected
+
+
+def test_interrupt_is_a_request_without_a_reply():
+    """INTERRUPT (docs/protocol.md, section 4): fuse_interrupt_in, NEED_REPLY clear,
+    like FORGET; the same body with NEED_REPLY set is malformed."""
+    raw = encode(FsRequest(7, 5, Interrupt(3)))
+    assert raw.hex() == ("020000000100000030000000" "3000000024000000" "0700000000000000"
+                         "0500000000000000" "000000000000000000000000" "00000000"
+                         "0300000000000000")
+    assert decode(raw) == FsRequest(7, 5, Interrupt(3))
+    with pytest.raises(RemoteProtocolError, match="NEED_REPLY must be clear for INTERRUPT"):
+        decode(raw[:4] + struct.pack("<I", 9) + raw[8:])

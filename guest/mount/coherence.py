@@ -11,6 +11,7 @@ import os
 import stat
 import time
 
+from guest.fuse_device import FUSE_EXPIRE_ONLY, FUSE_EXPIRE_ONLY_MINOR
 from guest.mount.state import NotificationFailed, _Inode
 from protocol import fusefast
 from protocol.fuse import FOPEN_DIRECT_IO, FOPEN_KEEP_CACHE
@@ -75,8 +76,11 @@ class Coherence:
         if isinstance(event, Invalidate):
             future = self._purge(event.ino, event.offset, event.length)
         else:
+            # Expired, not unhashed: the kernel asks (LOOKUP) before it uses the
+            # name again, and a process whose working directory it names keeps a
+            # working getcwd() (unhashed, the directory looks deleted to it).
             future = self._notify("entry", self.dev.notify_inval_entry, event.parent, event.name,
-                                  0)
+                                  self._expire_only())
             # fuse_reverse_inval_entry invalidates the directory's attributes
             # (mtime, size, link count) only if it found the dentry: without
             # one they would stay valid (untimed, under the lease).  Attributes
@@ -142,15 +146,25 @@ class Coherence:
         future.add_done_callback(done)
         return future
 
+    def _expire_only(self) -> int:
+        """The INVAL_ENTRY flags: FUSE_EXPIRE_ONLY where the kernel has it (the
+        dentry expires, its next use asks the host; unhashed, a directory some
+        process works in would look deleted to it: docs/mount.md, "INVAL_ENTRY
+        and directory locks")."""
+        minor = self.initialized.result() if self.initialized.done() else 0
+        return FUSE_EXPIRE_ONLY if minor >= FUSE_EXPIRE_ONLY_MINOR else 0
+
     def _drop_names(self, parent: int, names: set[bytes]) -> asyncio.Future:
         """Drop the kernel's dentries of `names` in directory `parent`, which were
         valid under its lease (FUSE_NOTIFY_INVAL_ENTRY each, on one notifier
         thread); the future gives (first errno other than 0 and ENOENT, ns)."""
 
+        expire = self._expire_only()
+
         def drop_all() -> int:
             worst = 0
             for name in names:
-                err = self.dev.notify_inval_entry(parent, name, 0)
+                err = self.dev.notify_inval_entry(parent, name, expire)
                 if err not in (0, errno.ENOENT) and not worst:
                     worst = err
             return worst
@@ -206,8 +220,15 @@ class Coherence:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _own_modification(self, nodeid: int, lease: LeaseGrant) -> None:
-        """R5: after our own modification of `nodeid` the kernel may not keep its pages."""
+    async def _own_modification(self, nodeid: int, lease: LeaseGrant, *,
+                                pages: bool = True) -> None:
+        """R5: after our own modification of `nodeid` the kernel may not keep its pages.
+
+        With `pages` false only its attributes are dropped: for a modification
+        the kernel sends while it keeps writeback of the inode's pages from
+        starting (a truncating SETATTR: FUSE_NOWRITE), where a page purge would
+        wait for ever to launder a dirty page of a shared mapping; the kernel
+        drops the truncated pages itself after the reply (R7)."""
         ino = lease.ino or nodeid
         if lease.ino:
             self.cache.invalidate_inode(lease.ino, lease.generation)
@@ -226,7 +247,10 @@ class Coherence:
         if st is not None and (st.may_have_pages or st.reads or st.tainted):
             self.stats.purges += 1
             self._attrs_kept.discard(ino)  # dropped before the reply (a reply meanwhile re-adds)
-            await self._purge(ino)
+            if pages:
+                await self._purge(ino)
+            else:
+                await self._notify("inode", self.dev.notify_inval_inode, ino, -1, 0)
         elif ino in self._attrs_kept:
             # Attributes the kernel may still hold as valid (T1) from before the
             # change, which no recall will reach now: attributes only (offset
@@ -234,6 +258,21 @@ class Coherence:
             # valid again (`_kept`), later modifications need not.
             self._attrs_kept.discard(ino)
             await self._notify("inode", self.dev.notify_inval_inode, ino, -1, 0)
+
+    def _written_back(self, nodeid: int, lease: LeaseGrant) -> None:
+        """R7: a WRITE of the kernel's own dirty pages (FUSE_WRITE_CACHE) was
+        answered: its pages are the newest bytes, so they stay; its attributes
+        (mtime) are dropped, after the reply and without waiting: the kernel
+        may be evicting the inode and waiting for this very reply."""
+        ino = lease.ino or nodeid
+        if lease.ino:
+            self.cache.invalidate_inode(lease.ino, lease.generation)
+        else:
+            self.cache.forget_own_copy(ino)
+        if self.leases:
+            self.stats.writebacks += 1
+            self._attrs_kept.discard(ino)
+            self._notify("inode", self.dev.notify_inval_inode, ino, -1, 0)
 
     # --- lease rules for what the kernel may keep (R3, R4) ---------------------------
 

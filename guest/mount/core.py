@@ -97,6 +97,10 @@ class GuestMount(Coherence, KernelSize):
         self.stop_reason = ""
         self._tasks: set[asyncio.Task] = set()
         self.interruptible: dict[int, asyncio.Task] = {}  # unique -> a SETLKW's task
+        # A SETLKW's kernel unique -> (node id, the unique of its host request),
+        # and SETLKWs interrupted before their task sent anything (locks.py).
+        self.lock_waits: dict[int, tuple[int, int]] = {}
+        self.interrupted: set[int] = set()
         self._stats_task: asyncio.Task | None = None
         self._reading = False
         # The watchdog (lease policies; docs/mount.md, "When the term runs out"):
@@ -201,11 +205,13 @@ class GuestMount(Coherence, KernelSize):
                           status)
                 self.request_stop(f"the watchdog exited ({status})")
 
-    def ask(self, h, op, nodeid: int | None = None, wait_forever: bool = False):
+    def ask(self, h, op, nodeid: int | None = None, wait_forever: bool = False,
+            unique: int | None = None):
         """Forward `op` for the kernel request `h` (to `h.nodeid`, or `nodeid`), as
-        the request's caller (guest/mount/caller.py); returns the host's reply."""
+        the request's caller (guest/mount/caller.py), as host request `unique`
+        (default: a new one); returns the host's reply."""
         self.stats.host_requests += 1
-        return self.client.request(h.nodeid if nodeid is None else nodeid, op,
+        return self.client.request(h.nodeid if nodeid is None else nodeid, op, unique=unique,
                                    caller=caller_of(h), wait_forever=wait_forever)
 
     def _announce(self, nodeid: int) -> None:
@@ -318,6 +324,7 @@ class GuestMount(Coherence, KernelSize):
         d["guest_id"] = self.client.hello.guest_id
         d["acks_sent"] = self.client.acks_sent
         d["watchdog_nodeids"] = len(self._announced)  # what its purge would drop
+        d["lock_waits"] = len(self.lock_waits)  # SETLKWs sent to the host, unanswered
         d["t_ns"] = time.monotonic_ns()  # when this snapshot was taken
         return d
 

@@ -87,6 +87,13 @@ async def write(m: GuestMount, h, body) -> bytes:
     m.stats.kernel_write_bytes += len(data)
     reply = await m.ask(h, Write(arg.fh, arg.offset, data, arg.write_flags,
                                                    arg.lock_owner, arg.flags))
+    if arg.write_flags & fuse.FUSE_WRITE_CACHE:
+        # A mapping's dirty pages written back (msync, munmap, fsync, close, or
+        # laundered by a purge, which waits for this reply): R7, no page purge.
+        m._grows_to(h.nodeid, arg.offset + reply.body.size)
+        m.dev.reply(h.unique, 0, fuse.WriteOut.build({"size": reply.body.size}))
+        m._written_back(h.nodeid, reply.lease)
+        return None
     await m._own_modification(h.nodeid, reply.lease)
     m._grows_to(h.nodeid, arg.offset + reply.body.size)  # fuse_write_update_attr
     return fusefast.write_out(reply.body.size)

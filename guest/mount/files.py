@@ -44,7 +44,8 @@ async def set_attr(m: GuestMount, h, body) -> bytes:
                  lock_owner=a.lock_owner)
     reply = await m.ask(h, op)
     m._size_fetched(h.nodeid, reply.body.attr)
-    await m._own_modification(h.nodeid, reply.lease)
+    # A truncate is sent under FUSE_NOWRITE: no page purge then (R7).
+    await m._own_modification(h.nodeid, reply.lease, pages=not a.valid & fuse.FATTR_SIZE)
     return m._attr_bytes(h.nodeid, reply.body, False)
 
 

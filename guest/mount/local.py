@@ -12,9 +12,11 @@ from guest.fuse_device import (
     FUSE_ASYNC_READ,
     FUSE_AUTO_INVAL_DATA,
     FUSE_BIG_WRITES,
+    FUSE_DIRECT_IO_ALLOW_MMAP,
     FUSE_DO_READDIRPLUS,
     FUSE_FLOCK_LOCKS,
     FUSE_HANDLE_KILLPRIV_V2,
+    FUSE_INIT_EXT,
     FUSE_MAX_PAGES,
     FUSE_PARALLEL_DIROPS,
     FUSE_POSIX_LOCKS,
@@ -52,11 +54,18 @@ def _init(m: GuestMount, h, body) -> None:
         # attributes may be cached without a lease of their own; under the lease
         # policies its attributes would be fetched again by GETATTR.
         wanted |= FUSE_DO_READDIRPLUS | FUSE_READDIRPLUS_AUTO
+    # Shared mappings of FOPEN_DIRECT_IO files (every writable one under the
+    # lease policies) use the page cache and are written back by WRITE
+    # (docs/mount.md, "Shared writable mappings").
+    flags2 = 0
+    if arg.flags & FUSE_INIT_EXT:
+        wanted |= FUSE_INIT_EXT
+        flags2 = arg.flags2 & FUSE_DIRECT_IO_ALLOW_MMAP
     out = fuse.InitOut.build({
         "major": fuse.KERNEL_MAJOR, "minor": min(arg.minor, fuse.KERNEL_MINOR),
         "max_readahead": arg.max_readahead, "flags": arg.flags & wanted,
         "max_background": 16, "congestion_threshold": 12, "max_write": m.max_io,
-        "time_gran": 1, "max_pages": m.max_pages, "map_alignment": 0, "flags2": 0,
+        "time_gran": 1, "max_pages": m.max_pages, "map_alignment": 0, "flags2": flags2,
         "max_stack_depth": 0, "request_timeout": 0})
     m.dev.reply(h.unique, 0, out)
     if not arg.flags & FUSE_AUTO_INVAL_DATA and m.leases:
@@ -91,11 +100,16 @@ def _empty(m: GuestMount, h, body) -> None:
 
 
 def _interrupt(m: GuestMount, h, body) -> None:
-    # A SETLKW waiting for another owner's lock ends (EINTR: the caller got a
-    # signal); every other request runs to completion and is answered normally.
-    task = m.interruptible.get(InterruptIn.parse(bytes(body[:8])).unique)
-    if task is not None:
-        task.cancel()
+    # A SETLKW waiting for another owner's lock ends (the caller got a signal,
+    # or died): the host ends its wait, and answers EINTR, or 0 if it took the
+    # lock first, which the kernel then releases with the caller's files.  Every
+    # other request runs to completion and is answered normally.
+    target = InterruptIn.parse(bytes(body[:8])).unique
+    waiting = m.lock_waits.get(target)
+    if waiting is not None:
+        m.client.interrupt(*waiting)
+    elif target in m.interruptible:  # its task has not run yet
+        m.interrupted.add(target)
 
 
 def _destroy(m: GuestMount, h, body) -> None:

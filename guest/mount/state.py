@@ -71,6 +71,7 @@ class MountStats:
     acks_withheld: int = 0  # ... and got none: the notification failed or was cancelled
     unleased_cached_replies: int = 0  # READ replies on KEEP_CACHE handles without a grant
     purges: int = 0  # page drops the guest started itself (R4, R5)
+    writebacks: int = 0  # WRITEs of the kernel's dirty pages (FUSE_WRITE_CACHE, R7)
     size_repairs: int = 0  # FUSE_NOTIFY_STOREs that grew the kernel's i_size ("The size a read sees")
     enosys: dict[str, int] = field(default_factory=dict)
     errors: int = 0

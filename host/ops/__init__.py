@@ -5,7 +5,7 @@ in it is answered with ENOSYS.  The families: names (the namespace), files
 (attributes and handles), data (READ and WRITE), links (symlinks, hard links,
 special files, RENAME2), xattrs (extended attributes), extents (FALLOCATE,
 LSEEK, COPY_FILE_RANGE), filesystem (STATFS, FSYNCDIR), listing (READDIRPLUS), locks (GETLK,
-SETLK, SETLKW).
+SETLK, SETLKW, and INTERRUPT, which ends a SETLKW).
 """
 
 from host.ops import data, extents, files, filesystem, links, listing, locks, names, xattrs
@@ -46,4 +46,5 @@ HANDLERS = {
     Opcode.GETLK: locks.getlk,
     Opcode.SETLK: locks.setlk,
     Opcode.SETLKW: locks.setlkw,
+    Opcode.INTERRUPT: locks.interrupt,
 }

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from host.ops.common import Daemon, Session, caller_of
 from host.ranges import Span, written_span
+from protocol.fuse import FUSE_WRITE_CACHE
 from protocol.messages import FsReply, FsRequest, ReadOut, WriteOut
 
 
@@ -26,8 +27,11 @@ async def write(d: Daemon, s: Session, r: FsRequest) -> FsReply:
     op = r.op
     nodeid = d.fs.nodeid_of_handle(s.guest_id, op.fh)
     changes = lambda size: written_span(op.offset, len(op.data), size)  # noqa: E731
+    # FUSE_WRITE_CACHE: the guest's kernel writes back its own dirty pages (a
+    # shared mapping) and keeps them (docs/mount.md, R7).
+    keeps = bool(op.write_flags & FUSE_WRITE_CACHE) and s.caches_unleased
     async with d.modification(nodeid, s.guest_id, span=changes, change=lambda: d.data_change(
-            nodeid, op.offset, len(op.data))) as m:
+            nodeid, op.offset, len(op.data)), keeps_pages=keeps, under_writeback=keeps) as m:
         write = d.fs.write_call(s.guest_id, op.fh, op.offset, op.data)  # its own dup of the fd
         # On a worker: a host process inside write(2) may hold the inode's lock.  As
         # the caller, on that worker's thread: the host kernel then clears

@@ -42,9 +42,13 @@ async def set_attr(d: Daemon, s: Session, r: FsRequest) -> FsReply:
         changes = lambda size: resized_span(op.size, size)  # noqa: E731
     else:
         changes = lambda size: ATTRS  # noqa: E731  (mode, owner, times: no page changes)
+    # A mount's kernel sends a truncate under FUSE_NOWRITE: a purge it owes may
+    # be waiting for it to launder a page (docs/mount.md, R8).
+    truncate = bool(op.valid & FATTR_SIZE) and s.caches_unleased
     new_size = op.size if op.valid & FATTR_SIZE else None
     async with d.modification(r.nodeid, s.guest_id, is_dir=is_dir(before), span=changes,
-                              change=lambda: d.size_change(r.nodeid, new_size)):
+                              change=lambda: d.size_change(r.nodeid, new_size),
+                              under_writeback=truncate):
         with acting_as(caller_of(r)):
             st = d.fs.setattr(
                 s.guest_id, r.nodeid,
