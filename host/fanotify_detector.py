@@ -93,7 +93,7 @@ from host.control.detector_side import DetectorControl
 from host.host_write_span import dirty_enough, event_span, positioned_write
 from host.inotify_detector import InotifyDetector
 from host.leases import InodeState
-from host.limits import DETECTOR_EVENT_FDS
+from host.limits import DETECTOR_EVENT_FDS, ThrottledLog
 from protocol.messages import Detector as DetectorKind
 
 log = logging.getLogger("cleanlease.fanotify")
@@ -196,6 +196,9 @@ class FanotifyDetector(Detector):
         self._unseen: set[tuple[int, int]] = set()  # carried one since their last good arm()
         self._cooled = 0  # ignore marks put, ever
         self._prune_at = 1024
+        # A failure that repeats per event (a bug) is logged once per 10 s: logged
+        # every time, it could fill a stderr nobody drains and stop the daemon.
+        self._throttled = ThrottledLog(log)
         self.counters = dict(reads=0, modifications=0, unknown_inode=0, dirty=0, recalls=0,
                              held_for_restart=0, mmap_writes=0, errors=0, not_quiescent=0,
                              seeded_in_flight=0, unmarked_writable_files=0, no_fd=0,
@@ -383,7 +386,7 @@ class FanotifyDetector(Detector):
                 self._dispatch(event)
             except Exception:
                 self.counters["errors"] += 1
-                log.exception("fanotify: handling an event failed; allowing it")
+                self._throttled.exception("event", "fanotify: handling an event failed; allowing it")
                 self._answer(event)
 
     def _dispatch(self, event: PreContentEvent) -> None:
@@ -483,7 +486,8 @@ class FanotifyDetector(Detector):
             raise
         except Exception:
             self.counters["errors"] += 1
-            log.exception("fanotify: recall of node %d failed; allowing the write", nodeid)
+            self._throttled.exception(
+                "recall", "fanotify: recall of node %d failed; allowing the write", nodeid)
         finally:
             self._record(key, event.pid)
             self._answer(event)
@@ -500,7 +504,8 @@ class FanotifyDetector(Detector):
             raise
         except Exception:
             self.counters["errors"] += 1
-            log.exception("fanotify: the control gate failed; allowing the write")
+            self._throttled.exception(
+                "gate", "fanotify: the control gate failed; allowing the write")
         finally:
             self._record(key, event.pid)
             self._answer(event)

@@ -360,7 +360,8 @@ class ThrottledLog:
         self._last: dict[str, float] = {}
         self._held: dict[str, int] = {}
 
-    def warning(self, kind: str, message: str, *args, level: int = logging.WARNING) -> None:
+    def warning(self, kind: str, message: str, *args, level: int = logging.WARNING,
+                exc_info: bool = False) -> None:
         now = self.clock()
         if now - self._last.get(kind, -1e18) < self.interval:
             self._held[kind] = self._held.get(kind, 0) + 1
@@ -369,7 +370,11 @@ class ThrottledLog:
         held = self._held.pop(kind, 0)
         if held:
             message += f" ({held} more of this kind since the last such line)"
-        self.logger.log(level, message, *args)
+        self.logger.log(level, message, *args, exc_info=exc_info)
+
+    def exception(self, kind: str, message: str, *args) -> None:
+        """`warning` at ERROR with the traceback being handled (the first of a kind)."""
+        self.warning(kind, message, *args, level=logging.ERROR, exc_info=True)
 
     def info(self, kind: str, message: str, *args) -> None:
         self.warning(kind, message, *args, level=logging.INFO)

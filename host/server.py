@@ -428,7 +428,8 @@ class HostDaemon(Connections, Coherence, Witnesses, ControlGate):
                             lease=getattr(exc, "lease", NO_LEASE))
         except Exception:  # a bug must not take the daemon down
             self.stats.errors += 1
-            log.exception("guest %d: %s failed", session.guest_id, request.opcode.name)
+            self.throttled.exception(f"handler {request.opcode.name}", "guest %d: %s failed",
+                                    session.guest_id, request.opcode.name)
             reply = FsReply(request.unique, -errno.EIO)
         if reply is not None and not request.needs_reply:
             self.stats.noreply_errors += 1

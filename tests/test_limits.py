@@ -319,3 +319,26 @@ async def test_an_unknown_opcode_without_need_reply_gets_no_reply(export, start_
     log = _log_of(host)
     assert log.count("without NEED_REPLY, ignored") == 1, log
     assert _stats(stats)["unsupported_noreply"] == 100
+
+
+def test_a_repeated_failure_is_logged_with_its_traceback_once_per_interval(caplog):
+    """A handler or detector bug that fails on every request or event must not
+    flood the log: logged on every event, it filled a test host's undrained
+    stderr pipe and the daemon stopped in write(2) (issue 16's merge)."""
+    import logging
+
+    from host.limits import ThrottledLog
+
+    now = [0.0]
+    throttled = ThrottledLog(logging.getLogger("cleanlease.test"), 10.0, clock=lambda: now[0])
+    with caplog.at_level(logging.ERROR, logger="cleanlease.test"):
+        for second in range(25):
+            now[0] = float(second)
+            try:
+                raise NameError("InodeState")
+            except NameError:
+                throttled.exception("recall", "recall of node %d failed", 7)
+    lines = [r for r in caplog.records if r.name == "cleanlease.test"]
+    assert len(lines) == 3  # at 0, 10 and 20 s
+    assert all(r.exc_info and r.exc_info[0] is NameError for r in lines)
+    assert "9 more of this kind" in lines[1].getMessage()
