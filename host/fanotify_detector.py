@@ -84,6 +84,7 @@ import logging
 import os
 import resource
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from host import bindmount, fanotify
@@ -474,7 +475,8 @@ class FanotifyDetector(Detector):
     async def _recall_then_allow(self, event: PreContentEvent, nodeid: int,
                                  key: tuple[int, int], span=None,
                                  access: Access | None = None) -> None:
-        try:
+        with self._allowed_on_exit(event, key, "recall",
+                                   "fanotify: recall of node %d failed; allowing the write", nodeid):
             async with self._slots:
                 self.counters["recalls"] += 1
                 await self._daemon.host_local_modify(nodeid, span)
@@ -482,30 +484,32 @@ class FanotifyDetector(Detector):
             if self.control.watches(key):
                 await self.control.admit(event, key, access or classify(event.pid, event.fd))
                 await self._recall_if_clean(key)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            self.counters["errors"] += 1
-            self._throttled.exception(
-                "recall", "fanotify: recall of node %d failed; allowing the write", nodeid)
-        finally:
-            self._record(key, event.pid)
-            self._answer(event)
 
     async def _gated_allow(self, event: PreContentEvent, key: tuple[int, int],
                            access: Access) -> None:
         """A modification of a file an administrator holds or journals, that
         needs no recall: through the control gate, then allowed (on every
         path: an error or a cancellation allows it too)."""
-        try:
+        with self._allowed_on_exit(event, key, "gate",
+                                   "fanotify: the control gate failed; allowing the write"):
             await self.control.admit(event, key, access)
             await self._recall_if_clean(key)
+
+    @contextmanager
+    def _allowed_on_exit(self, event: PreContentEvent, key: tuple[int, int], kind: str,
+                         message: str, *args):
+        """`with self._allowed_on_exit(event, key, ...):` whatever the body does
+        (returns, raises, is cancelled), `event` is recorded and allowed on exit:
+        every permission event is answered on every path.  A failure of the body
+        is counted and logged (`kind`, `message`, once per 10 s), not raised; a
+        cancellation is raised again after the answer."""
+        try:
+            yield
         except asyncio.CancelledError:
             raise
         except Exception:
             self.counters["errors"] += 1
-            self._throttled.exception(
-                "gate", "fanotify: the control gate failed; allowing the write")
+            self._throttled.exception(kind, message, *args)
         finally:
             self._record(key, event.pid)
             self._answer(event)

@@ -24,6 +24,7 @@ import time
 
 import pytest
 
+from benchmarks.seeds import LOOPER  # a writer that pwrites at random offsets below its span
 from host.control.client import ControlClient, ControlError, parse_mark
 from host.control.journal import EVERYTHING, PAGE, ChangeJournal
 from protocol import control as cp
@@ -342,21 +343,6 @@ def test_under_inotify_changes_are_whole_file_and_a_freeze_says_what_it_cannot_h
 
 
 # A host-local writer process: random pwrites of random lengths until stdin closes.
-LOOPER = r"""
-import os, random, sys, threading
-path, seed, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-rng = random.Random(seed)
-fd = os.open(path, os.O_RDWR)
-stop = threading.Event()
-threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
-print("ready", flush=True)
-n = 0
-while not stop.is_set():
-    off = rng.randrange(0, size - 5000)
-    os.pwrite(fd, bytes([rng.randrange(256)]) * rng.randrange(1, 4096), off)
-    n += 1
-print(n, flush=True)
-"""
 
 
 def _pages_differing(a: bytes, b: bytes) -> set[int]:
@@ -386,7 +372,8 @@ def test_incremental_backup_under_concurrent_writers_equals_the_file_at_the_free
         assert not first.incremental and first.bytes_copied == size
         assert dest.read_bytes() == snapshots[0]
         # It writes only the first eighth of the file (else it soon covers all of it).
-        looper = Child([sys.executable, "-c", LOOPER, str(f), "7", str(size // 8)], "looper")
+        looper = Child([sys.executable, "-c", LOOPER, str(f), "7", str(size // 8 - 5000)],
+                       "looper")
         assert looper.line(WAIT).strip() == "ready"
         guest = start_guest(address, "G")
         guest.do(op="open", path="big", mode="rw")
@@ -464,7 +451,7 @@ def test_a_seal_holds_layout_changes_lets_overwrites_go_and_keeps_the_map_still(
 
     before = layout()
     assert before[1] == [(0, 65536), (1 << 20, (1 << 20) + 65536)]
-    looper = Child([sys.executable, "-c", LOOPER, str(f), "9", "60000"], "looper")
+    looper = Child([sys.executable, "-c", LOOPER, str(f), "9", "55000"], "looper")
     assert looper.line(WAIT).strip() == "ready"  # overwrites in place, all along
     held = []
     with ControlClient(ctl) as control:
