@@ -411,6 +411,7 @@ class Watchdog:
         # Readable ("R") once it is watching; then, if it fires, one byte more: why
         # (wire.PURGED_*: `fired_why`); EOF once it has exited.
         self.ready_fd = ready_r
+        os.set_blocking(ready_r, False)  # read when readable, and by fired_why
         self._fired: int | None = None
         self.pidfd = os.pidfd_open(self.proc.pid)
         self.closed = False
@@ -444,7 +445,6 @@ class Watchdog:
         """Why it fired (wire.PURGED_*), once it has said so; None if it has not
         (yet): it is still watching, or it quit.  Does not block."""
         if self._fired is None and not self.closed:
-            os.set_blocking(self.ready_fd, False)
             try:
                 code = os.read(self.ready_fd, 1)
             except BlockingIOError:

@@ -86,9 +86,19 @@ class Recaller:
             self.forget_guest(session.guest_id)
 
     def purged(self, session: Session) -> None:
-        """`session`'s witness reported it purged: if its connection was lost,
-        it holds nothing any more (the waits for it end on `Session.purged`)."""
+        """`session`'s witness reported it purged: it serves nothing any more.
+        It is fenced (it must say HELLO again), every wait for it ends (they
+        wait on `Session.purged`), and if its connection was lost it holds
+        nothing any more."""
+        self._fence(session)
+        session.purged().set_result(None)
         self._term_ran_out(session)
+
+    def _fence(self, session: Session) -> None:
+        """`session` can serve nothing any more: its leases go, and its next
+        frame of any kind is answered EKEYEXPIRED."""
+        session.fenced = True
+        self.leases.drop_holder(session.guest_id)
 
     def owes(self, ino: int, guest: int) -> bool:
         """Does `guest` owe the ACK of a data recall of `ino` now running?  Then
@@ -228,12 +238,11 @@ class Recaller:
             running.owed.discard(session.guest_id)
             self._poke(running.ino)
         if purged.done():
-            return  # Witnesses._purged fenced it
+            return  # `purged` fenced it
         log.warning("guest %s (%d) did not ACK; fenced after its lease term", session.name,
                     session.guest_id)
-        session.fenced = True
         self.stats.fenced += 1
-        self.leases.drop_holder(session.guest_id)
+        self._fence(session)
 
     async def _await_term_end(self, session: Session, running: _Running) -> None:
         """A holder whose connection was lost: wait until its term has surely run

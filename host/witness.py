@@ -82,11 +82,8 @@ class Witnesses:
             return
         self.stats.witnessed_purges += 1
         log.warning("guest %s (%d): its witness purged it (%s, %d inodes); its waits are over",
-                    target.name, target.guest_id, _PURGED_REASONS.get(message.reason, "?"),
+                    target.name, target.guest_id, wire.PURGED_REASONS.get(message.reason, "?"),
                     message.inodes)
-        target.fenced = True  # it serves nothing any more: it must say HELLO again
-        target.purged().set_result(None)
-        self.leases.drop_holder(target.guest_id)
         self.recaller.purged(target)
 
     def _witnessed(self, witness: Session) -> Session | None:
@@ -100,10 +97,3 @@ class Witnesses:
         if target is not None:
             target.witness = None
 
-
-_PURGED_REASONS = {
-    wire.PURGED_ASKED: "asked by the host",
-    wire.PURGED_GUEST_DIED: "the guest process died",
-    wire.PURGED_TERM_RAN_OUT: "the term ran out",
-    wire.PURGED_GUEST_ASKED: "the guest asked",
-}

@@ -147,3 +147,10 @@ PURGED_ASKED = 1  # the host asked (PURGE)
 PURGED_GUEST_DIED = 2
 PURGED_TERM_RAN_OUT = 3
 PURGED_GUEST_ASKED = 4  # the guest process asked (it lost its connection, or stops)
+# What each PURGED reason says, in the host's log and in the mount's last line.
+PURGED_REASONS = {
+    PURGED_ASKED: "the host fenced it (an ACK owed past the ack timeout, or its connection lost)",
+    PURGED_GUEST_DIED: "the guest process died",
+    PURGED_TERM_RAN_OUT: "the lease term ran out",
+    PURGED_GUEST_ASKED: "the guest asked",
+}

@@ -38,14 +38,10 @@ from protocol.messages import Policy
 log = logging.getLogger("cleanlease.mount")
 
 
-# What the mount says when its watchdog fired (by its wire.PURGED_* code).
-WATCHDOG_REASONS = {
-    wire.PURGED_TERM_RAN_OUT: "the lease term ran out: the watchdog aborted and purged the mount",
-    wire.PURGED_ASKED: "the host fenced it (an ACK owed past the ack timeout): the watchdog "
-                       "aborted and purged the mount",
-    wire.PURGED_GUEST_DIED: "the watchdog aborted and purged the mount",
-    wire.PURGED_GUEST_ASKED: "the watchdog aborted and purged the mount, as asked",
-}
+def watchdog_fired(why: int | None) -> str:
+    """The mount's stop reason once its watchdog fired (`why`: wire.PURGED_*)."""
+    return (f"{wire.PURGED_REASONS.get(why, 'the watchdog fired')}: the watchdog aborted and "
+            f"purged the mount")
 
 
 def _opcode_name(opcode: int) -> str:
@@ -199,7 +195,7 @@ class GuestMount(Coherence, KernelSize):
         if not self._stopping:
             if status == WATCHDOG_FIRED:
                 why = self.watchdog.fired_why()
-                self.request_stop(WATCHDOG_REASONS.get(why, "the watchdog fired"))
+                self.request_stop(watchdog_fired(why))
             else:
                 log.error("the watchdog of %s exited (%s): stopping the mount", self.mountpoint,
                           status)
@@ -285,11 +281,10 @@ class GuestMount(Coherence, KernelSize):
             self._watchdog_task.cancel()
             await asyncio.gather(self._watchdog_task, return_exceptions=True)
         if self.watchdog is not None:
-            self.watchdog.fired_why()  # (read before close)
+            why = self.watchdog.fired_why()  # before close: it reads the watchdog's pipe
             self.watchdog.close(quit=True)
-            why = self.watchdog.fired_why()
             if why is not None and why != wire.PURGED_GUEST_ASKED:
-                self.watchdog_fired = WATCHDOG_REASONS.get(why, "the watchdog fired")
+                self.watchdog_fired = watchdog_fired(why)
         self.dev.close()
         if self._stats_task is not None:
             self._stats_task.cancel()
