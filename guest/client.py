@@ -312,17 +312,10 @@ class GuestClient:
 
         Raises AuthenticationFailed saying which side lacks what."""
         asked = bool(reply.features & wire.FEATURE_AUTH)
-        if not asked and self.token is None:
-            return
+        if (refusal := auth.guest_refusal(asked, self.token, self.address)) is not None:
+            raise AuthenticationFailed(refusal)
         if not asked:
-            raise AuthenticationFailed(
-                f"the host at {self.address} did not ask for a token, but we have one: "
-                f"refusing it, since any host could answer like that (give the host the "
-                f"same token, or give this guest none)")
-        if self.token is None:
-            raise AuthenticationFailed(
-                f"the host at {self.address} requires a token: give this guest the host's "
-                f"(--token-file FILE, or ${auth.TOKEN_ENV})")
+            return
         guest_nonce = auth.new_nonce()
         session.auth_future = asyncio.get_running_loop().create_future()
         session.send(Auth(guest_nonce, auth.guest_proof(self.token, reply.nonce, guest_nonce)))

@@ -17,6 +17,7 @@ watchdog then watches without a witness, as before.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -77,15 +78,16 @@ class WitnessLink:
             hello = self._expect(HelloReply)
             if hello.error:
                 raise OSError(-hello.error, f"the host refused HELLO: {os.strerror(-hello.error)}")
-            if hello.features & wire.FEATURE_AUTH:
-                if token is None:
-                    raise OSError(13, "the host asks for a token and the guest has none")
+            asked = bool(hello.features & wire.FEATURE_AUTH)
+            if (refusal := auth.guest_refusal(asked, token, config["address"])) is not None:
+                raise OSError(errno.EACCES, refusal)
+            if asked:
                 nonce = auth.new_nonce()
                 self._send(Auth(nonce, auth.guest_proof(token, hello.nonce, nonce)))
                 reply = self._expect(AuthReply)
                 if reply.error or not auth.proof_matches(
                         auth.host_proof(token, nonce, hello.nonce), reply.proof):
-                    raise OSError(13, "the token exchange failed")
+                    raise OSError(errno.EACCES, "the token exchange failed")
             self._send(Witness(self.guest_id))
             bound = self._expect(WitnessReply)
             if bound.error:

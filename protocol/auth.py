@@ -76,6 +76,20 @@ def proof_matches(expected: bytes, received: bytes) -> bool:
     return hmac.compare_digest(expected, received)
 
 
+def guest_refusal(asked: bool, token: bytes | None, where: str) -> str | None:
+    """Why a guest must not go on with the host at `where`, whose HELLO reply
+    did or did not ask for a token (`asked`), or None.  A guest with a token
+    refuses a host that does not ask for it: any host could answer so."""
+    if asked and token is None:
+        return (f"the host at {where} requires a token: give this guest the host's "
+                f"(--token-file FILE, or ${TOKEN_ENV})")
+    if not asked and token is not None:
+        return (f"the host at {where} did not ask for a token, but we have one: "
+                f"refusing it, since any host could answer like that (give the host the "
+                f"same token, or give this guest none)")
+    return None
+
+
 def read_token_file(path: str) -> bytes:
     """The token in the file at `path`, without surrounding whitespace.
 
