@@ -179,8 +179,9 @@ class Recaller:
                                                  running))
                 elif (departed := self.departed.get(guest)) is not None:
                     self.stats.departed_waits += 1
-                    # (Asked again: it may not have been holding anything to purge
-                    # when its connection was lost; a witness fires only once.)
+                    # Asked at its connection's loss already; asked again where a
+                    # wait for it begins (harmless: a witness purges once), so a
+                    # PURGE also says that a recall now waits for its report.
                     self.ask_witness(departed, wire.PURGE_DEPARTED)
                     running.departed.add(guest)
                     waits.append(self._await_term_end(departed, running))
